@@ -1,0 +1,1 @@
+"""Subcommands of the ``corrtools`` CLI, one module each (see ``corrtools/cli.py``)."""

@@ -1,0 +1,1 @@
+"""corrtools.workloads"""
