@@ -1,1 +1,36 @@
-"""corrtools.sparse"""
+"""Sparse training (Algorithm 1): masks, the masked-weight op, the Sparsifier, FIX / RESET / REGULARIZE.
+
+    from corrtools.sparse import Sparsifier, Reset
+    sp = Sparsifier(model, optimizer, density=0.25, exploit=Reset(every=1000))
+    # each step: loss.backward(); optimizer.step(); sp.step(); optimizer.zero_grad()
+    sp.finalize()
+"""
+from __future__ import annotations
+
+from corrtools.sparse.config import SparsityConfig, Structure
+from corrtools.sparse.exploit import Fix, Regularize, Reset
+from corrtools.sparse.kernels import is_2to4, semi_structured_candidates, to_semi_structured_
+from corrtools.sparse.masks import block_mask, nm_mask, nm_mask_2d, patterns_2d, topk_mask
+from corrtools.sparse.ops import mask_module_, masked_weight, unmask_module_
+from corrtools.sparse.sparsifier import LayerReport, Sparsifier
+
+__all__ = [
+    "Fix",
+    "LayerReport",
+    "Regularize",
+    "Reset",
+    "Sparsifier",
+    "SparsityConfig",
+    "Structure",
+    "block_mask",
+    "is_2to4",
+    "mask_module_",
+    "masked_weight",
+    "nm_mask",
+    "nm_mask_2d",
+    "patterns_2d",
+    "semi_structured_candidates",
+    "to_semi_structured_",
+    "topk_mask",
+    "unmask_module_",
+]

@@ -1,0 +1,106 @@
+"""The hardware path: finalized 2:4 Linear weights as ``torch.sparse`` semi-structured tensors.
+
+Sparse Tensor Cores (NVIDIA compute capability 8.0+, e.g. A100, H100) multiply a 2:4 sparse
+fp16/bf16 matrix about twice as fast as a dense one. :func:`to_semi_structured_` converts, in
+place and for inference, every ``nn.Linear`` whose weight is already 2:4 along its input features
+(as ``Sparsifier(structure="2:4" or "2:4-2d")`` followed by ``finalize()`` leaves it) and whose
+shape torch's kernels accept. Bias and inputs stay dense; inputs must be CUDA fp16/bf16 tensors
+of the weight's dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from corrtools.errors import CorrtoolsError
+
+__all__ = ["is_2to4", "semi_structured_candidates", "to_semi_structured_"]
+
+_DTYPES = (torch.float16, torch.bfloat16)
+# Fallback multiples for (rows, cols) when torch's private constraint table cannot be read: the
+# stricter CUTLASS fp16/bf16 ones (cuSPARSELt needs (16, 16)).
+_FALLBACK_MULTIPLES = (32, 64)
+
+
+def is_2to4(w: Tensor) -> bool:
+    """Whether 2D ``w`` has at most 2 non-zeros in every group of 4 consecutive entries of each row."""
+    if w.ndim != 2 or w.shape[1] % 4:
+        return False
+    return bool(((w.detach().reshape(-1, 4) != 0).sum(1) <= 2).all())
+
+
+def _backend() -> type:
+    """The class ``torch.sparse.to_sparse_semi_structured`` would use (cuSPARSELt unless forced/absent)."""
+    sparse = torch.sparse
+    cusparselt_ok = getattr(torch.backends, "cusparselt", None) is not None and torch.backends.cusparselt.is_available()
+    if sparse.SparseSemiStructuredTensor._FORCE_CUTLASS or not cusparselt_ok:
+        return sparse.SparseSemiStructuredTensorCUTLASS
+    return sparse.SparseSemiStructuredTensorCUSPARSELT
+
+
+def _shape_multiples(dtype: torch.dtype) -> tuple[int, int]:
+    try:
+        c = _backend()._DTYPE_SHAPE_CONSTRAINTS[dtype]
+        return int(c.sparse_min_rows), int(c.sparse_min_cols)
+    except (AttributeError, KeyError):
+        return _FALLBACK_MULTIPLES
+
+
+def semi_structured_candidates(model: nn.Module, dtype: torch.dtype = torch.float16) -> list[str]:
+    """Names of the Linear modules :func:`to_semi_structured_` would convert, checked on any device.
+
+    A Linear qualifies when its weight is 2:4 (:func:`is_2to4`) and its shape ``(out, in)`` is a
+    multiple of what torch's semi-structured kernels need for ``dtype``.
+    """
+    rows, cols = _shape_multiples(dtype)
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        w = module.weight
+        if w.shape[0] % rows == 0 and w.shape[1] % cols == 0 and is_2to4(w):
+            out.append(name)
+    return out
+
+
+def to_semi_structured_(model: nn.Module) -> None:
+    """Swap each 2:4 Linear weight of a finalized model for a semi-structured sparse one, in place.
+
+    Needs the model on a CUDA GPU with Sparse Tensor Cores (compute capability 8.0+) in fp16 or
+    bf16 (``model.half().cuda()``); raises CorrtoolsError otherwise, or when no Linear qualifies
+    (see :func:`semi_structured_candidates`). The converted weights are frozen (inference only).
+    """
+    params = list(model.parameters())
+    if not params:
+        raise CorrtoolsError("The model has no parameters to convert to 2:4 semi-structured form.")
+    devices = {p.device for p in params}
+    dtypes = {p.dtype for p in params}
+    if any(d.type != "cuda" for d in devices) or not torch.cuda.is_available():
+        raise CorrtoolsError(
+            f"2:4 semi-structured kernels need the model on a CUDA GPU with Sparse Tensor Cores "
+            f"(compute capability 8.0+) in fp16/bf16; it is on {sorted(str(d) for d in devices)}: "
+            "move it with model.half().cuda()."
+        )
+    for device in devices:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise CorrtoolsError(
+                f"2:4 semi-structured kernels need compute capability 8.0+ (Sparse Tensor Cores); "
+                f"{torch.cuda.get_device_name(device)} has {major}.{minor}."
+            )
+    if not dtypes <= set(_DTYPES):
+        raise CorrtoolsError(
+            f"2:4 semi-structured kernels need fp16 or bf16 weights, found {sorted(map(str, dtypes))}: "
+            "convert the model with model.half() or model.bfloat16()."
+        )
+    names = {n for dtype in dtypes for n in semi_structured_candidates(model, dtype)}
+    if not names:
+        raise CorrtoolsError(
+            "No Linear weight is 2:4 with a supported shape; train with "
+            'Sparsifier(structure="2:4" or "2:4-2d") and call finalize() first.'
+        )
+    backend = _backend()
+    for name, module in model.named_modules():
+        if name in names:
+            dense = module.weight.detach().contiguous()
+            module.weight = nn.Parameter(backend.from_dense(dense), requires_grad=False)

@@ -1,0 +1,210 @@
+"""Pure mask functions: a weight tensor in, a boolean mask of the same shape out.
+
+``True`` marks a participating weight (p), ``False`` a non-participating one (n). No state, no
+printing, no files; the same input always gives the same mask (ties are broken deterministically,
+as each function documents). Masks are computed from ``|w|`` of a detached copy, so calling these
+under autograd records nothing.
+
+Layouts (the GEMM view of a weight):
+
+- Linear ``(out, in)``: the inner (reduction) dimension is ``in`` (dim 1).
+- Conv ``(k, c, *kernel)``: the inner dimension of the implicit GEMM is ``c``; the 2D view used by
+  the 2:4-2d and block masks is ``w.reshape(k, c * r * s)``, columns in memory order (``c`` slowest,
+  the last kernel dimension fastest) -- the matrix whose transpose the input-gradient GEMM uses.
+
+Shapes that do not fit a structure raise :class:`~corrtools.errors.CorrtoolsError` naming the
+parameter (``name``) and its shape.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+from corrtools.errors import CorrtoolsError
+
+__all__ = [
+    "BLOCK_SIZES",
+    "block_mask",
+    "kept_count",
+    "nm_mask",
+    "nm_mask_2d",
+    "patterns_2d",
+    "topk_mask",
+]
+
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
+
+# Tiles per chunk in nm_mask_2d: the (90, chunk) score block stays within a few MB of cache.
+_TILES_PER_CHUNK = 8192
+
+
+def kept_count(density: float, numel: int) -> int:
+    """Number of elements kept at ``density``: ``floor(density * numel + 0.5)`` (round half up)."""
+    return min(numel, max(0, math.floor(density * numel + 0.5)))
+
+
+def topk_mask(w: Tensor, density: float, *, name: str = "weight") -> Tensor:
+    """Keep exactly ``kept_count(density, w.numel())`` weights of largest ``|w|`` in the tensor.
+
+    Ties at the threshold are broken by flat (row-major) index: the lower index is kept. Returns a
+    bool tensor shaped like ``w``. ``w`` should be finite (NaN ranks are unspecified).
+    """
+    _check_density(density, name)
+    numel = w.numel()
+    k = kept_count(density, numel)
+    if k == numel:
+        return torch.ones(w.shape, dtype=torch.bool, device=w.device)
+    if k == 0:
+        return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    a = w.detach().abs().reshape(-1)
+    # k-th largest == (numel - k + 1)-th smallest; kthvalue is a selection, not a sort.
+    threshold = a.kthvalue(numel - k + 1).values
+    keep = a > threshold
+    ties = a == threshold
+    need = k - int(keep.sum())
+    if int(ties.sum()) != need:  # more weights equal the threshold than places left
+        ties &= ties.cumsum(0) <= need
+    keep |= ties
+    return keep.view(w.shape)
+
+
+def nm_mask(w: Tensor, n: int = 2, m: int = 4, *, name: str = "weight") -> Tensor:
+    """N:M mask along the GEMM inner dimension (dim 1): exactly ``n`` kept in every group of ``m``.
+
+    Linear ``(out, in)``: groups of ``m`` consecutive input features in each row. Conv
+    ``(k, c, *kernel)``: groups of ``m`` consecutive input channels at each (filter, kernel position).
+    Within a group the ``n`` largest ``|w|`` are kept; ties go to the lower index.
+    ``w.shape[1]`` must be a multiple of ``m``.
+    """
+    if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m >= 1):
+        raise CorrtoolsError(f"N:M structure needs integers 0 <= n <= m with m >= 1, got {n}:{m}.")
+    if w.ndim < 2:
+        raise CorrtoolsError(
+            f"Parameter {name!r} of shape {tuple(w.shape)} has no inner dimension for {n}:{m}; "
+            "only Linear and Conv weights (2 or more dims) can be N:M sparse."
+        )
+    if w.shape[1] % m:
+        raise CorrtoolsError(
+            f"Parameter {name!r} of shape {tuple(w.shape)} cannot be {n}:{m} along its inner "
+            f"dimension (dim 1 = {w.shape[1]} is not a multiple of {m}); exclude it."
+        )
+    a = w.detach().abs().movedim(1, -1)  # (out, *kernel, in)
+    groups = a.reshape(-1, m)  # (G, m)
+    cols = [groups[:, i] for i in range(m)]
+    keep = torch.empty(groups.shape, dtype=torch.bool, device=w.device)
+    for i in range(m):  # m*m vector ops over all groups: no loop over elements
+        # rank of element i: the others that beat it (larger, or equal at a lower index)
+        rank = torch.zeros(groups.shape[0], dtype=torch.int16, device=w.device)
+        for j in range(m):
+            if j != i:
+                rank += torch.ge(cols[j], cols[i]) if j < i else torch.gt(cols[j], cols[i])
+        keep[:, i] = rank < n
+    return keep.reshape(a.shape).movedim(-1, 1).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _patterns_cpu() -> Tensor:
+    combos = list(itertools.combinations(range(4), 2))  # (0,1) < (0,2) < ... < (2,3)
+    found = []
+    for rows in itertools.product(combos, repeat=4):  # lexicographic over (row0, row1, row2, row3)
+        tile = torch.zeros(4, 4, dtype=torch.bool)
+        for r, (i, j) in enumerate(rows):
+            tile[r, i] = tile[r, j] = True
+        if bool((tile.sum(0) == 2).all()):
+            found.append(tile)
+    return torch.stack(found)  # (90, 4, 4)
+
+
+def patterns_2d() -> Tensor:
+    """The 90 transposable 2:4 patterns of a 4×4 tile, ``(90, 4, 4)`` bool, in tie-break order.
+
+    Order: lexicographic in (row 0's kept column pair, row 1's, row 2's, row 3's), pairs ordered
+    (0,1) < (0,2) < (0,3) < (1,2) < (1,3) < (2,3). Equivalently: descending in the 16-bit number read
+    row-major with the tile's first element as the most significant bit. Returns a new tensor.
+    """
+    return _patterns_cpu().clone()
+
+
+def nm_mask_2d(w: Tensor, *, name: str = "weight") -> Tensor:
+    """2:4 2D (transposable) mask: every 4×4 tile is 2:4 along its rows and its columns.
+
+    The 2D view is ``w.reshape(w.shape[0], -1)`` (Linear ``(out, in)``; conv ``(k, c*r*s)``), tiled
+    from the top-left corner; both of its dimensions must be multiples of 4. Each tile keeps the
+    pattern of largest L1 norm (sum of kept ``|w|``) among the 90 of :func:`patterns_2d`, chosen
+    exactly (up to rounding of the 8-term sums in ``w``'s floating dtype; half precision is scored
+    in float32). Ties go to the pattern that comes first in :func:`patterns_2d` order.
+    Vectorised over chunks of tiles: scores = patterns (90, 16) @ tiles (16, T), then the first
+    maximum over the 90. A tile containing NaN gets an unspecified valid pattern.
+    """
+    if w.ndim < 2:
+        raise CorrtoolsError(
+            f"Parameter {name!r} of shape {tuple(w.shape)} has no 2D view for 2:4-2d; "
+            "only Linear and Conv weights (2 or more dims) can be."
+        )
+    rows = w.shape[0]
+    cols = w.numel() // rows if rows else 0
+    if rows % 4 or cols % 4 or rows == 0 or cols == 0:
+        raise CorrtoolsError(
+            f"Parameter {name!r} of shape {tuple(w.shape)} cannot be 2:4-2d: its 2D view "
+            f"({rows}, {cols}) must have both sides multiples of 4; exclude it."
+        )
+    R, C = rows // 4, cols // 4
+    dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+    pats = _patterns_cpu().to(w.device).reshape(90, 16)
+    weights = pats.to(dtype)  # (90, 16)
+    # key[p] = 90 - p: the largest key among the maximal patterns is the first of them in order.
+    key = torch.arange(90, 0, -1, dtype=torch.uint8, device=w.device)[:, None]  # (90, 1)
+    w4 = w.detach().reshape(R, 4, C, 4)
+    best = torch.empty(R * C, dtype=torch.long, device=w.device)  # (T,) row-major tile order
+    strips = max(1, _TILES_PER_CHUNK // C)  # 4-row strips per chunk
+    for r0 in range(0, R, strips):
+        r1 = min(r0 + strips, R)
+        n = (r1 - r0) * C
+        # (16, n): tile element (i, j) on row 4i+j; the copy is chunk-sized, so it stays in cache.
+        tiles = w4[r0:r1].permute(1, 3, 0, 2).reshape(16, n).to(dtype).abs_()
+        scores = torch.mm(weights, tiles)  # (90, n) L1 norm each pattern keeps
+        top = scores.amax(0)  # (n,)
+        # argmax over dim 0 is slow on CPU; "first p with scores[p] >= top" via a uint8 key is not.
+        hit = torch.ge(scores, top).view(torch.uint8).mul_(key)  # (90, n)
+        best[r0 * C : r1 * C] = 90 - hit.amax(0).long()
+    best.clamp_(0, 89)  # a tile holding NaN matches no pattern: give it a valid one
+    keep = pats[best]  # (T, 16)
+    return keep.reshape(R, C, 4, 4).transpose(1, 2).reshape(w.shape)
+
+
+def block_mask(w: Tensor, density: float, block: int, *, name: str = "weight") -> Tensor:
+    """Keep whole ``block``×``block`` tiles of the 2D view, ranked by their largest ``|w|``.
+
+    The 2D view is ``w.reshape(w.shape[0], -1)`` (as in :func:`nm_mask_2d`); both of its sides must
+    be multiples of ``block`` (no partial edge blocks). Exactly ``kept_count(density, n_blocks)``
+    blocks are kept (rounding is at block granularity), ties to the lower row-major block index.
+    ``block`` must be one of :data:`BLOCK_SIZES`.
+    """
+    _check_density(density, name)
+    if block not in BLOCK_SIZES:
+        raise CorrtoolsError(f"Block size {block!r} is not supported; use one of {BLOCK_SIZES}.")
+    if w.ndim < 2:
+        raise CorrtoolsError(
+            f"Parameter {name!r} of shape {tuple(w.shape)} has no 2D view for block:{block}; "
+            "only Linear and Conv weights (2 or more dims) can be block sparse."
+        )
+    rows = w.shape[0]
+    cols = w.numel() // rows if rows else 0
+    if rows % block or cols % block or rows == 0 or cols == 0:
+        raise CorrtoolsError(
+            f"Parameter {name!r} of shape {tuple(w.shape)} cannot be block:{block}: its 2D view "
+            f"({rows}, {cols}) must have both sides multiples of {block}; exclude it."
+        )
+    R, C = rows // block, cols // block
+    scores = w.detach().reshape(R, block, C, block).abs().amax(dim=(1, 3))  # (R, C)
+    keep = topk_mask(scores, density, name=name)
+    return keep[:, None, :, None].expand(R, block, C, block).reshape(w.shape)
+
+
+def _check_density(density: float, name: str) -> None:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
+        raise CorrtoolsError(f"Density for {name!r} must be a number in [0, 1], got {density!r}.")
