@@ -60,7 +60,7 @@ def test_parameter_names_match_the_design():
         assert n in names
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.filterwarnings("ignore:Detected call of .lr_scheduler.step")
 def test_cosine_schedule_warms_up_and_decays():
     wl = CharLMWorkload(CharLMConfig(**{**TINY.to_dict(), "warmup_steps": 10, "steps": 40}))
     lrs = []
