@@ -1,0 +1,238 @@
+"""Mask functions against brute-force references written independently here."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from corrtools.errors import CorrtoolsError
+from corrtools.sparse.masks import (
+    block_mask,
+    kept_count,
+    nm_mask,
+    nm_mask_2d,
+    patterns_2d,
+    topk_mask,
+)
+
+
+def _ints(shape, high=4, seed=0):
+    """Small integer values as floats: many exact ties, exact sums."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-high, high + 1, shape, generator=g)).float()
+
+
+def _normal(shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype)
+
+
+# ---------------------------------------------------------------- unstructured
+def _topk_reference(w: torch.Tensor, k: int) -> torch.Tensor:
+    a = np.abs(w.numpy().reshape(-1))
+    order = sorted(range(a.size), key=lambda i: (-a[i], i))  # larger first, then lower index
+    keep = np.zeros(a.size, dtype=bool)
+    keep[order[:k]] = True
+    return torch.from_numpy(keep.reshape(tuple(w.shape)))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.25, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("make", [_ints, _normal])
+def test_topk_mask_exact_count_and_brute_force(density, make):
+    w = make((12, 10))
+    m = topk_mask(w, density)
+    k = kept_count(density, w.numel())
+    assert m.dtype == torch.bool and m.shape == w.shape
+    assert int(m.sum()) == k
+    assert torch.equal(m, _topk_reference(w, k))
+
+
+def test_kept_count_rounds_half_up():
+    assert kept_count(0.5, 5) == 3  # 2.5 -> 3
+    assert kept_count(0.25, 10) == 3  # 2.5 -> 3
+    assert kept_count(0.24, 10) == 2
+    assert kept_count(1.0, 7) == 7 and kept_count(0.0, 7) == 0
+
+
+def test_topk_mask_ties_go_to_lower_index():
+    w = torch.ones(2, 5)
+    m = topk_mask(w, 0.3)  # 3 of 10 equal values
+    assert m.reshape(-1).tolist() == [True] * 3 + [False] * 7
+
+
+def test_topk_mask_conv_and_bad_density():
+    w = _normal((8, 4, 3, 3), dtype=torch.float32)
+    assert int(topk_mask(w, 0.25).sum()) == kept_count(0.25, w.numel())
+    with pytest.raises(CorrtoolsError, match="fc1"):
+        topk_mask(w, 1.5, name="fc1")
+
+
+# ---------------------------------------------------------------- N:M along the inner dimension
+def _nm_reference(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    a = np.abs(w.numpy())
+    keep = np.zeros(a.shape, dtype=bool)
+    out_ch, in_ch = a.shape[:2]
+    for k in range(out_ch):
+        for pos in itertools.product(*(range(s) for s in a.shape[2:])):
+            for c0 in range(0, in_ch, m):
+                vals = [a[(k, c0 + i) + pos] for i in range(m)]
+                order = sorted(range(m), key=lambda i: (-vals[i], i))
+                for i in order[:n]:
+                    keep[(k, c0 + i) + pos] = True
+    return torch.from_numpy(keep)
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (4, 8, 3, 3), (5, 12, 3)])
+@pytest.mark.parametrize("make", [_ints, _normal])
+def test_nm_mask_brute_force_and_validity(shape, make):
+    w = make(shape)
+    m = nm_mask(w, 2, 4)
+    assert torch.equal(m, _nm_reference(w, 2, 4))
+    # exactly 2 of every 4 consecutive entries along dim 1 (Linear: in, Conv: c)
+    groups = m.movedim(1, -1).reshape(-1, 4)
+    assert (groups.sum(1) == 2).all()
+    assert m.float().mean().item() == 0.5
+
+
+def test_nm_mask_other_n_m():
+    w = _ints((4, 16), seed=3)
+    assert torch.equal(nm_mask(w, 1, 8), _nm_reference(w, 1, 8))
+    assert torch.equal(nm_mask(w, 3, 4), _nm_reference(w, 3, 4))
+
+
+def test_nm_mask_is_along_input_channels_of_conv():
+    # one big value per (k, r, s) position: the 2:4 groups must run along c, not along s
+    w = torch.zeros(1, 4, 1, 4)
+    w[0, 0, 0, :] = 10.0
+    w[0, 1, 0, :] = 5.0
+    m = nm_mask(w)
+    assert m[0, :2].all() and not m[0, 2:].any()
+
+
+def test_nm_mask_misfit_names_param_and_shape():
+    with pytest.raises(CorrtoolsError, match=r"blocks\.0\.fc1\.weight.*\(8, 10\)"):
+        nm_mask(torch.randn(8, 10), name="blocks.0.fc1.weight")
+    with pytest.raises(CorrtoolsError, match="bias"):
+        nm_mask(torch.randn(8), name="bias")
+
+
+# ---------------------------------------------------------------- 2:4 2D
+def _all_transposable_patterns() -> list[np.ndarray]:
+    """Every 0/1 4x4 matrix with two ones in each row and each column, by exhaustive search."""
+    found = []
+    for bits in range(1 << 16):
+        t = np.array([(bits >> (15 - i)) & 1 for i in range(16)]).reshape(4, 4)
+        if (t.sum(0) == 2).all() and (t.sum(1) == 2).all():
+            found.append(t)
+    return found  # ascending in the 16-bit value, first element most significant
+
+
+_BRUTE = _all_transposable_patterns()
+
+
+def test_patterns_2d_are_all_90_in_documented_order():
+    assert len(_BRUTE) == 90
+    ours = patterns_2d().numpy().astype(int)
+    assert ours.shape == (90, 4, 4)
+    # documented tie-break order: descending 16-bit value read row-major
+    assert [p.tolist() for p in ours] == [p.tolist() for p in reversed(_BRUTE)]
+
+
+def _nm2d_reference(w: torch.Tensor) -> torch.Tensor:
+    a = np.abs(w.numpy().reshape(w.shape[0], -1)).astype(np.float64)
+    keep = np.zeros(a.shape, dtype=bool)
+    for r in range(0, a.shape[0], 4):
+        for c in range(0, a.shape[1], 4):
+            tile = a[r : r + 4, c : c + 4]
+            best, best_score = None, -1.0
+            for p in reversed(_BRUTE):  # from the largest 16-bit value down: strict > keeps the first
+                score = float((tile * p).sum())
+                if score > best_score:
+                    best, best_score = p, score
+            keep[r : r + 4, c : c + 4] = best.astype(bool)
+    return torch.from_numpy(keep.reshape(tuple(w.shape)))
+
+
+def _assert_2d_valid(m: torch.Tensor) -> None:
+    v = m.reshape(m.shape[0], -1)
+    assert (v.reshape(-1, 4).sum(1) == 2).all()  # rows: 2 of each 4 along the inner dimension
+    assert (v.t().reshape(-1, 4).sum(1) == 2).all()  # columns: w^T is 2:4 as well
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (12, 16), (8, 4, 2, 2)])
+@pytest.mark.parametrize("make", [_ints, _normal])
+def test_nm_mask_2d_equals_brute_force(shape, make):
+    for seed in range(3):
+        w = make(shape, seed=seed)
+        m = nm_mask_2d(w)
+        _assert_2d_valid(m)
+        assert torch.equal(m, _nm2d_reference(w))
+
+
+def test_nm_mask_2d_float32_and_ties():
+    w = _normal((16, 32), seed=5, dtype=torch.float32)
+    assert torch.equal(nm_mask_2d(w), _nm2d_reference(w))
+    # all equal: every pattern ties; the first in order keeps columns (0,1),(0,1),(2,3),(2,3)
+    m = nm_mask_2d(torch.ones(4, 4))
+    assert m.int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_nm_mask_2d_chunk_boundaries(monkeypatch):
+    import corrtools.sparse.masks as masks
+
+    monkeypatch.setattr(masks, "_TILES_PER_CHUNK", 3)  # many ragged chunks
+    w = _normal((20, 12), seed=7)
+    assert torch.equal(masks.nm_mask_2d(w), _nm2d_reference(w))
+
+
+def test_nm_mask_2d_conv_uses_k_by_crs_view():
+    w = _ints((4, 2, 1, 2), seed=2)  # view (4, 4): columns are (c, s) with s fastest
+    m = nm_mask_2d(w)
+    assert torch.equal(m.reshape(4, 4), _nm2d_reference(w.reshape(4, 4)))
+
+
+def test_nm_mask_2d_misfit():
+    with pytest.raises(CorrtoolsError, match=r"head\.weight.*\(6, 8\)"):
+        nm_mask_2d(torch.randn(6, 8), name="head.weight")
+
+
+# ---------------------------------------------------------------- blocks
+def _block_reference(w: torch.Tensor, density: float, b: int) -> torch.Tensor:
+    a = np.abs(w.numpy().reshape(w.shape[0], -1))
+    R, C = a.shape[0] // b, a.shape[1] // b
+    scores = [(a[i * b : (i + 1) * b, j * b : (j + 1) * b].max(), i * C + j) for i in range(R) for j in range(C)]
+    k = kept_count(density, R * C)
+    chosen = {idx for _, idx in sorted(scores, key=lambda t: (-t[0], t[1]))[:k]}
+    keep = np.zeros(a.shape, dtype=bool)
+    for idx in chosen:
+        i, j = divmod(idx, C)
+        keep[i * b : (i + 1) * b, j * b : (j + 1) * b] = True
+    return torch.from_numpy(keep.reshape(tuple(w.shape)))
+
+
+@pytest.mark.parametrize("b", [1, 2, 4, 8])
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5])
+@pytest.mark.parametrize("make", [_ints, _normal])
+def test_block_mask_brute_force(b, density, make):
+    w = make((16, 32))
+    m = block_mask(w, density, b)
+    assert torch.equal(m, _block_reference(w, density, b))
+    n_blocks = (16 // b) * (32 // b)
+    assert int(m.sum()) == kept_count(density, n_blocks) * b * b
+
+
+def test_block_mask_conv_and_errors():
+    w = _normal((8, 2, 2, 2), seed=1)
+    assert torch.equal(block_mask(w, 0.5, 4), _block_reference(w, 0.5, 4))
+    with pytest.raises(CorrtoolsError, match=r"fc\.weight.*\(12, 20\)"):
+        block_mask(torch.randn(12, 20), 0.5, 8, name="fc.weight")
+    with pytest.raises(CorrtoolsError, match="Block size"):
+        block_mask(torch.randn(12, 12), 0.5, 3)
+
+
+def test_masks_do_not_record_autograd():
+    w = torch.randn(8, 8, requires_grad=True)
+    for m in (topk_mask(w, 0.5), nm_mask(w), nm_mask_2d(w), block_mask(w, 0.5, 2)):
+        assert not m.requires_grad and m.grad_fn is None
