@@ -21,6 +21,7 @@ import functools
 import itertools
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,15 +62,22 @@ def topk_mask(w: Tensor, density: float, *, name: str = "weight") -> Tensor:
     if k == 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     a = w.detach().abs().reshape(-1)
-    # k-th largest == (numel - k + 1)-th smallest; kthvalue is a selection, not a sort.
-    threshold = a.kthvalue(numel - k + 1).values
-    keep = a > threshold
-    ties = a == threshold
-    need = k - int(keep.sum())
-    if int(ties.sum()) != need:  # more weights equal the threshold than places left
-        ties &= ties.cumsum(0) <= need
-    keep |= ties
+    threshold = _kth_smallest(a, numel - k + 1)  # the k-th largest |w|
+    keep = a >= threshold
+    surplus = int(keep.sum()) - k
+    if surplus:  # more weights equal the threshold than places left: drop the highest-index ones
+        ties = a == threshold
+        keep &= ~(ties & (ties.cumsum(0) > int(ties.sum()) - surplus))
     return keep.view(w.shape)
+
+
+def _kth_smallest(a: Tensor, rank: int) -> Tensor:
+    """The ``rank``-th smallest (1-based) element of 1D ``a``, as a 0-d tensor on ``a``'s device."""
+    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.float32, torch.float64):
+        # numpy's introselect is ~10x faster than torch.kthvalue on CPU.
+        value = np.partition(a.numpy(), rank - 1)[rank - 1]
+        return torch.tensor(value, dtype=a.dtype)
+    return a.kthvalue(rank).values
 
 
 def nm_mask(w: Tensor, n: int = 2, m: int = 4, *, name: str = "weight") -> Tensor:

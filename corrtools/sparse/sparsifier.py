@@ -168,12 +168,12 @@ class Sparsifier:
 
     def _rewire(self) -> None:
         for name, layer in self._layers.items():
-            old = layer.mask
+            mask = layer.mask
             new = self._structure.mask(layer.weight, self.config.density, name=name)
-            joined = (new & ~old).sum()
+            joined = mask.logical_not_().logical_and_(new).sum()  # in p now, in n before
             layer.rewired_last.copy_(joined)
             layer.rewired_total.add_(joined)
-            old.copy_(new)  # in place: the buffer stays the same tensor
+            mask.copy_(new)  # in place: the buffer stays the same tensor
 
     # ----------------------------------------------------------------- inspection
     @property
