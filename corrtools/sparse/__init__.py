@@ -1,9 +1,21 @@
 """Sparse training (Algorithm 1): masks, the masked-weight op, the Sparsifier, FIX / RESET / REGULARIZE.
 
-    from corrtools.sparse import Sparsifier, Reset
-    sp = Sparsifier(model, optimizer, density=0.25, exploit=Reset(every=1000))
-    # each step: loss.backward(); optimizer.step(); sp.step(); optimizer.zero_grad()
-    sp.finalize()
+>>> import torch
+>>> from torch import nn
+>>> from corrtools.sparse import Sparsifier, Reset
+>>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+>>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+>>> sp = Sparsifier(model, optimizer, density=0.25, exploit=Reset(every=1000))
+>>> sp.layer_names  # the last Linear is the output projection: left dense
+['0.weight']
+>>> for _ in range(3):
+...     loss = model(torch.randn(8, 16)).square().mean()
+...     loss.backward(); optimizer.step(); sp.step(); optimizer.zero_grad()
+>>> sp.participating_fraction()
+0.25
+>>> sp.finalize()  # a plain model whose non-participating weights are 0
+>>> float((model[0].weight == 0).float().mean())
+0.75
 """
 from __future__ import annotations
 

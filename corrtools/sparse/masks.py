@@ -14,6 +14,13 @@ Layouts (the GEMM view of a weight):
 
 Shapes that do not fit a structure raise :class:`~corrtools.errors.CorrtoolsError` naming the
 parameter (``name``) and its shape.
+
+>>> import torch
+>>> w = torch.tensor([[0.1, -0.9, 0.3, 0.2], [0.5, 0.5, 0.0, -0.7]])
+>>> nm_mask(w).int().tolist()  # 2 of every 4 along the input features; tie 0.5/0.5 -> lower index
+[[0, 1, 1, 0], [1, 0, 0, 1]]
+>>> int(topk_mask(w, 0.25).sum())  # round(0.25 * 8) = 2 weights
+2
 """
 from __future__ import annotations
 

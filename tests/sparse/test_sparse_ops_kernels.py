@@ -106,3 +106,14 @@ def test_to_semi_structured_on_cpu_says_what_is_needed():
     with pytest.raises(CorrtoolsError, match=r"CUDA GPU with Sparse Tensor Cores \(compute capability 8\.0\+\) in fp16/bf16"):
         to_semi_structured_(model.half())
     assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.layout == torch.strided
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import corrtools.sparse as sparse_pkg
+    from corrtools.sparse import masks
+
+    for module in (sparse_pkg, masks):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0
