@@ -47,7 +47,7 @@ __all__ = [
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
 
 # Tiles per chunk in nm_mask_2d: the (90, chunk) score block stays within a few MB of cache.
-_TILES_PER_CHUNK = 8192
+_TILES_PER_CHUNK = 4096
 
 
 def kept_count(density: float, numel: int) -> int:

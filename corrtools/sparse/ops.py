@@ -78,7 +78,9 @@ def mask_module_(module: nn.Module, mask: Tensor, grad_scale: float = 1.0) -> No
             f"Only Linear, Conv1d and Conv2d layers can be masked, not {type(module).__name__}."
         )
     if is_masked(module) or hasattr(module, MASK_BUFFER):
-        raise CorrtoolsError(f"This {type(module).__name__} is already masked; unmask it first.")
+        raise CorrtoolsError(
+            f"This {type(module).__name__} is already masked (by another Sparsifier?); finalize() that one first."
+        )
     if mask.dtype != torch.bool or mask.shape != module.weight.shape:
         raise CorrtoolsError(
             f"The mask must be bool and shaped like the weight {tuple(module.weight.shape)}, "
