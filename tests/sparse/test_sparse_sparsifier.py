@@ -390,3 +390,35 @@ def test_config_validation_and_dict_round_trip():
     ):
         with pytest.raises(CorrtoolsError):
             SparsityConfig(**bad)
+
+
+@pytest.mark.parametrize("structure", ["2:4", "2:4-2d", "block:2"])
+def test_conv_model_trains_with_valid_masks(structure):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 8),
+    ).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if structure == "block:2":  # the first conv is eligible but its (16, 27) view has no 2x2 tiling
+        with pytest.warns(UserWarning, match=r"0\.weight \(16, 3, 3, 3\)"):
+            sp = Sparsifier(model, opt, structure=structure, exploit=Reset(every=2))
+    else:  # 2:4 leaves the first conv (3 input channels) dense by default, silently
+        sp = Sparsifier(model, opt, structure=structure, exploit=Reset(every=2))
+    assert sp.layer_names == ["2.weight"]
+    for _ in range(3):
+        model(torch.randn(2, 3, 4, 4, dtype=torch.float64)).square().mean().backward()
+        opt.step(); sp.step(); opt.zero_grad()
+    m = sp.masks["2.weight"]
+    w = model[2].weight.detach()
+    if structure == "2:4":
+        assert (m.movedim(1, -1).reshape(-1, 4).sum(1) == 2).all()  # along input channels
+    elif structure == "2:4-2d":
+        v = m.reshape(16, -1)  # the (k, c*r*s) view
+        assert (v.reshape(-1, 4).sum(1) == 2).all() and (v.t().reshape(-1, 4).sum(1) == 2).all()
+    assert torch.equal(m, sp.config.parsed_structure.mask(w, sp.config.density))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    before = model(x)
+    sp.finalize()
+    assert torch.equal(before, model(x))
