@@ -102,7 +102,8 @@ class SparsityConfig:
                 f"Structure {parsed} keeps exactly {implied:g} of the weights; "
                 f"pass density=None or {implied:g}, not {d!r}."
             )
-        object.__setattr__(self, "density", float(implied if implied is not None else (0.5 if d is None else d)))
+        resolved = implied if implied is not None else (0.5 if d is None else d)
+        object.__setattr__(self, "density", float(resolved))
         r = self.rewire_every
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise CorrtoolsError(f"rewire_every={r!r} must be a whole number of steps >= 1.")

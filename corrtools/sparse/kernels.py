@@ -32,7 +32,8 @@ def is_2to4(w: Tensor) -> bool:
 def _backend() -> type:
     """The class ``torch.sparse.to_sparse_semi_structured`` would use (cuSPARSELt unless forced/absent)."""
     sparse = torch.sparse
-    cusparselt_ok = getattr(torch.backends, "cusparselt", None) is not None and torch.backends.cusparselt.is_available()
+    backend = getattr(torch.backends, "cusparselt", None)
+    cusparselt_ok = backend is not None and backend.is_available()
     if sparse.SparseSemiStructuredTensor._FORCE_CUTLASS or not cusparselt_ok:
         return sparse.SparseSemiStructuredTensorCUTLASS
     return sparse.SparseSemiStructuredTensorCUSPARSELT

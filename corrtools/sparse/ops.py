@@ -79,7 +79,8 @@ def mask_module_(module: nn.Module, mask: Tensor, grad_scale: float = 1.0) -> No
         )
     if is_masked(module) or hasattr(module, MASK_BUFFER):
         raise CorrtoolsError(
-            f"This {type(module).__name__} is already masked (by another Sparsifier?); finalize() that one first."
+            f"This {type(module).__name__} is already masked (by another Sparsifier?); "
+            "finalize() that one first."
         )
     if mask.dtype != torch.bool or mask.shape != module.weight.shape:
         raise CorrtoolsError(

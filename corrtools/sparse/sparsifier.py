@@ -24,13 +24,14 @@ from corrtools.sparse.exploit import (
     zero_nonparticipating_,
     zero_optimizer_state_,
 )
-from corrtools.sparse.ops import MASK_BUFFER, MASKABLE, mask_module_, unmask_module_
+from corrtools.sparse.ops import MASK_BUFFER, MASKABLE, is_masked, mask_module_, unmask_module_
 
 __all__ = ["LayerReport", "Selector", "Sparsifier"]
 
 # A layer selector: a module name ("blocks.0.mlp.fc1"), its weight's name ("...fc1.weight"),
 # or a predicate (name, module) -> bool; or an iterable of those.
-Selector = Union[str, Callable[[str, nn.Module], bool], Iterable[Union[str, Callable[[str, nn.Module], bool]]]]
+Predicate = Callable[[str, nn.Module], bool]
+Selector = Union[str, Predicate, Iterable[Union[str, Predicate]]]
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,11 @@ class Sparsifier:
             exploit=exploit,
             total_steps=total_steps,
         )
-        if isinstance(self.config.exploit, Reset) and self.config.exploit.reset_optimizer_state and optimizer is None:
-            raise CorrtoolsError("Reset(reset_optimizer_state=True) needs the optimizer: pass it to the Sparsifier.")
+        resets_state = isinstance(exploit, Reset) and exploit.reset_optimizer_state
+        if resets_state and optimizer is None:
+            raise CorrtoolsError(
+                "Reset(reset_optimizer_state=True) needs the optimizer: pass it to the Sparsifier."
+            )
         self.model = model
         self.optimizer = optimizer
         self._structure: Structure = self.config.parsed_structure
@@ -119,13 +123,20 @@ class Sparsifier:
         self._layers: dict[str, _Layer] = {}
         selected = _select_layers(model, self._structure, include, exclude)
         misfits: list[str] = []
+        prepared: list[tuple[str, nn.Module, Tensor]] = []
         for module_name, module in selected:
             name = f"{module_name}.weight" if module_name else "weight"
+            if is_masked(module):
+                raise CorrtoolsError(
+                    f"Layer {name!r} is already masked by another Sparsifier; finalize() that one first."
+                )
             try:
                 mask = self._structure.mask(module.weight, self.config.density, name=name)
             except CorrtoolsError:
                 misfits.append(f"{name} {tuple(module.weight.shape)}")
                 continue
+            prepared.append((name, module, mask))
+        for name, module, mask in prepared:  # change the model only once nothing can fail
             mask_module_(module, mask, self.config.grad_scale)
             zero = torch.zeros((), dtype=torch.int64, device=module.weight.device)
             self._layers[name] = _Layer(module, zero, zero.clone())
@@ -161,7 +172,9 @@ class Sparsifier:
                 for layer in self._layers.values():
                     zero_nonparticipating_(layer.weight, layer.mask)
                     if exploit.reset_optimizer_state:
-                        zero_optimizer_state_(self.optimizer, layer.weight, layer.mask)  # type: ignore[arg-type]
+                        optimizer = self.optimizer
+                        assert optimizer is not None  # checked in __init__
+                        zero_optimizer_state_(optimizer, layer.weight, layer.mask)
         elif isinstance(exploit, Regularize):
             for layer in self._layers.values():
                 decay_nonparticipating_(layer.weight, layer.mask, exploit.beta)
@@ -230,7 +243,8 @@ class Sparsifier:
         self._check_live()
         if SparsityConfig.from_dict(state["config"]) != self.config:
             raise CorrtoolsError(
-                "The saved Sparsifier state has a different config; build the Sparsifier with the same settings."
+                "The saved Sparsifier state has a different config; "
+                "build the Sparsifier with the same settings."
             )
         if set(state["rewired_total"]) != set(self._layers):
             raise CorrtoolsError(
@@ -299,7 +313,9 @@ def _matching(
             out |= {n for n, m in candidates if item(n, m)}
             continue
         if not isinstance(item, str):
-            raise CorrtoolsError(f"{role} entries must be layer names or predicates (name, module) -> bool, not {item!r}.")
+            raise CorrtoolsError(
+                f"{role} entries must be layer names or predicates (name, module) -> bool, not {item!r}."
+            )
         name = item[: -len(".weight")] if item.endswith(".weight") else item
         if name == "weight":
             name = ""

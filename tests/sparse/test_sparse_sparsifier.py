@@ -91,6 +91,13 @@ def test_unknown_and_wrong_kind_names():
         Sparsifier(model, opt, exclude=["fc1", "fc2"])
 
 
+def test_second_sparsifier_on_same_model_is_refused():
+    model, opt = _make()
+    Sparsifier(model, opt)
+    with pytest.raises(CorrtoolsError, match="fc1.weight.*already masked"):
+        Sparsifier(model, opt)
+
+
 def test_tied_head_is_left_dense():
     class Tied(Net):
         def __init__(self):
