@@ -124,7 +124,7 @@ def _fft_len(T: int, max_lag: int) -> int:
     return sfft.next_fast_len(T + max_lag, real=True)
 
 
-def _cross_fft(c: np.ndarray, max_lag: int, dtype: np.dtype) -> np.ndarray:
+def _cross_fft(c: np.ndarray, max_lag: int, dtype: np.dtype, workers: int = _WORKERS) -> np.ndarray:
     """(…, T) → (…, max_lag + 1): Σ_t c[t] c[t+τ] for τ = 0..max_lag, by one real FFT round trip.
 
     The FFT length n = next_fast_len(T + max_lag) leaves enough zeros that no product wraps around.
@@ -133,13 +133,13 @@ def _cross_fft(c: np.ndarray, max_lag: int, dtype: np.dtype) -> np.ndarray:
     n = _fft_len(T, max_lag)
     buf = np.zeros(c.shape[:-1] + (n,), dtype=dtype)  # zero-padded copy, (…, n)
     buf[..., :T] = c
-    spec = sfft.rfft(buf, axis=-1, workers=_WORKERS, overwrite_x=True)  # (…, n//2 + 1)
+    spec = sfft.rfft(buf, axis=-1, workers=workers, overwrite_x=True)  # (…, n//2 + 1)
     del buf
     sq = spec.view(dtype)  # interleaved (re, im) pairs
     np.multiply(sq, sq, out=sq)
     power = sq[..., 0::2] + sq[..., 1::2]  # |F|², real, (…, n//2 + 1)
     del spec, sq
-    r = sfft.irfft(power, n=n, axis=-1, workers=_WORKERS, overwrite_x=True)
+    r = sfft.irfft(power, n=n, axis=-1, workers=workers, overwrite_x=True)
     return r[..., : max_lag + 1]
 
 
@@ -158,13 +158,15 @@ def _use_direct(T: int, lags: np.ndarray) -> bool:
     return len(lags) * T <= 1.5 * n * np.log2(n)
 
 
-def _prefix(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(…, T) → two (…, T + 1) float64 prefix sums of c and c² with a leading 0."""
+def _prefix(c: np.ndarray, dtype: DTypeLike = np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """(…, T) → two (…, T + 1) prefix sums of c and c² with a leading 0, accumulated in ``dtype``."""
     shape = c.shape[:-1] + (c.shape[-1] + 1,)
-    p1 = np.zeros(shape, dtype=np.float64)
-    p2 = np.zeros(shape, dtype=np.float64)
-    np.cumsum(c, axis=-1, dtype=np.float64, out=p1[..., 1:])
-    np.cumsum(c * c, axis=-1, dtype=np.float64, out=p2[..., 1:])
+    p1 = np.empty(shape, dtype=dtype)
+    p2 = np.empty(shape, dtype=dtype)
+    p1[..., 0] = 0
+    p2[..., 0] = 0
+    np.cumsum(c, axis=-1, dtype=dtype, out=p1[..., 1:])
+    np.cumsum(np.square(c), axis=-1, dtype=dtype, out=p2[..., 1:])
     return p1, p2
 
 
@@ -253,64 +255,116 @@ def _check_max_lag(max_lag: int | None, T: int) -> int:
     return int(max_lag)
 
 
+def _head_sums(
+    a: np.ndarray, rows: np.ndarray, points: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of a and a² (float64) over a[r, :p] for the given rows (k,) of a (m, T) and points
+    (k, q) in 1..T-1, plus the row totals: two arrays (k, q + 1), the last column the total.
+
+    One ``np.add.reduceat`` pass over the selected rows of a and one of a²: the sorted points and
+    the row ends cut each row into segments (a repeated point gives an empty one), whose running
+    sums are the heads.
+    """
+    m, T = a.shape
+    k, q = points.shape
+    order = np.argsort(points, axis=1)
+    srt = np.take_along_axis(points, order, axis=1)  # (k, q) ascending
+    cuts = np.concatenate(
+        [np.zeros((k, 1), np.int64), srt, np.full((k, 1), T, np.int64)], axis=1
+    )  # (k, q + 2): 0, points..., T
+    idx = (cuts + (rows.astype(np.int64) * T)[:, None]).reshape(-1)
+    dropped = idx[-1] == a.size  # the last row's end is the array's end: no cut there
+    if dropped:
+        idx = idx[:-1]
+    empty = np.zeros(idx.shape, dtype=bool)
+    empty[:-1] = idx[1:] == idx[:-1]
+    out = []
+    for arr in (a, np.square(a)):
+        seg = np.add.reduceat(arr.reshape(-1), idx, dtype=np.float64)
+        seg[empty] = 0.0
+        if dropped:
+            seg = np.append(seg, 0.0)
+        run = np.cumsum(seg.reshape(k, q + 2)[:, : q + 1], axis=1)  # (k, q + 1) sums up to each cut
+        heads = np.empty((k, q + 1))
+        np.put_along_axis(heads, order, run[:, :q], axis=1)
+        heads[:, q] = run[:, q]
+        out.append(heads)
+    return out[0], out[1]
+
+
+def _rho_from_sums(
+    cross: np.ndarray, tau: np.ndarray, h1: np.ndarray, h2: np.ndarray, T: int
+) -> np.ndarray:
+    """ρ (k,) at lags tau (k,) from the cross sums (k,) and float64 heads at [T-τ, τ, T] of c and c²."""
+    n = (T - tau).astype(np.float64)
+    sa, sb = h1[:, 0], h1[:, 2] - h1[:, 1]
+    va = h2[:, 0] - sa * sa / n
+    vb = h2[:, 2] - h2[:, 1] - sb * sb / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = (cross - sa * sb / n) / np.sqrt(np.maximum(va * vb, 0.0))
+    return np.clip(rho, -1.0, 1.0)
+
+
+# the first block of lags searched for a zero crossing; each next block is 4 times longer
+_FIRST_LAGS = 64
+
+
 def _delta_last(
-    c: np.ndarray, max_lag: int, dtype: np.dtype
+    c: np.ndarray, max_lag: int, dtype: np.dtype, workers: int = _WORKERS
 ) -> tuple[np.ndarray, np.ndarray]:
     """(…, T) de-meaned → Δ (…,) float64 and censored (…,) bool. See ``decorrelation_time``.
 
-    The sign of ρ(τ) is the sign of the windowed covariance, so the search for the first lag with
-    ρ ≤ 0 works on covariances at FFT precision, (m, max_lag) at a time; ρ itself is evaluated in
-    float64 only at the two lags that bracket each crossing.
+    The sign of ρ(τ) is the sign of the windowed covariance cov(τ) = cross(τ) - sa·sb/n, so the first
+    lag with ρ ≤ 0 is searched on covariances at ``dtype`` (FFT and prefix sums), in blocks of lags
+    that grow 4× each round, for the series that have not crossed yet: the work is O(m·Δ) rather than
+    O(m·max_lag). ρ is then evaluated in float64 at the two lags bracketing each crossing.
     """
     T = c.shape[-1]
     lead = c.shape[:-1]
     flat = np.ascontiguousarray(c.reshape(-1, T), dtype=dtype)  # (m, T)
     m, L = flat.shape[0], max_lag
-    cross = _cross_fft(flat, L, dtype)  # (m, L + 1): lag 0..L
-    p1, p2 = _prefix(flat)  # (m, T + 1) float64
-    p1f = p1.astype(dtype)
-    inv_n = (1.0 / (T - np.arange(1, L + 1))).astype(dtype)  # (L,)
-    # cov(τ) = cross(τ) - sa·sb/n with sa = p1[T-τ], sb = p1[T] - p1[τ], for τ = 1..L
-    cov = np.subtract(p1f[:, T : T + 1], p1f[:, 1 : L + 1])  # sb, (m, L)
-    cov *= p1f[:, T - L : T][:, ::-1]  # · sa
-    cov *= inv_n
-    np.subtract(cross[:, 1:], cov, out=cov)
-    del p1f, cross
-    hit = cov <= 0  # (m, L)
+    cross = _cross_fft(flat, L, dtype, workers)  # (m, L + 1): lag 0..L
+    p1 = np.empty((m, T + 1), dtype=dtype)  # prefix sums of c with a leading 0
+    p1[:, 0] = 0
+    np.cumsum(flat, axis=1, dtype=dtype, out=p1[:, 1:])
+    inv_n = (1.0 / (T - np.arange(1, L + 1))).astype(dtype)  # (L,) for lags 1..L
     nan_lag = _nan_from_lag(flat)  # (m,)
-    for row in np.nonzero(nan_lag <= L)[0]:  # rare: a window turns constant within max_lag
-        hit[row, max(nan_lag[row] - 1, 0) :] = True
-    first = hit.argmax(axis=1)  # (m,) index of the first stop
-    rows_all = np.arange(m)
-    stopped = hit[rows_all, first]
-    tau = first + 1  # (m,) the lag that stopped the search
+    tau = np.zeros(m, dtype=np.int64)  # lag that stopped the search, 0 while searching
+    active = np.arange(m)
+    lo, width = 0, _FIRST_LAGS
+    while lo < L and active.size:
+        hi = min(L, lo + width)  # this round: lags lo+1..hi
+        whole = active.size == m
+        rows = slice(None) if whole else active
+        sb = np.subtract(p1[rows, T : T + 1], p1[rows, lo + 1 : hi + 1])  # (a, hi - lo)
+        sb *= p1[rows, T - hi : T - lo][:, ::-1]  # · sa
+        sb *= inv_n[lo:hi]
+        cov = np.subtract(cross[rows, lo + 1 : hi + 1], sb, out=sb)
+        hit = cov <= 0
+        late = nan_lag[active] <= hi  # a window turns constant in this block: stop there too
+        for j in np.nonzero(late)[0]:
+            hit[j, max(nan_lag[active[j]] - 1 - lo, 0) :] = True
+        stop = hit.any(axis=1)
+        tau[active[stop]] = lo + 1 + hit[stop].argmax(axis=1)
+        active = active[~stop]
+        lo, width = hi, width * 4
+    censored = tau == 0
+    undefined = ~censored & (tau >= nan_lag)
     delta = np.full(m, float(L))
-    censored = ~stopped
-    undefined = stopped & (tau >= nan_lag)
-    rows = np.nonzero(stopped & ~undefined)[0]
+    rows = np.nonzero(~censored & ~undefined)[0]
     if rows.size:
         t1 = tau[rows]
-        cov1 = cov[rows, t1 - 1].astype(np.float64)
-        cov0 = cov[rows, np.maximum(t1 - 2, 0)].astype(np.float64)
-        rho1 = np.minimum(_rho_at(p1[rows], p2[rows], cov1, t1), 0.0)
-        rho0 = np.where(t1 > 1, _rho_at(p1[rows], p2[rows], cov0, np.maximum(t1 - 1, 1)), 1.0)
+        t0 = np.maximum(t1 - 1, 1)
+        pts = np.stack([T - t1, t1, T - t0, t0], axis=1)  # (k, 4), all in 1..T-1
+        h1, h2 = _head_sums(flat, rows, pts)  # (k, 5): heads at pts, then the total
+        rho1 = _rho_from_sums(cross[rows, t1].astype(np.float64), t1, h1[:, [0, 1, 4]], h2[:, [0, 1, 4]], T)
+        rho0 = _rho_from_sums(cross[rows, t0].astype(np.float64), t0, h1[:, [2, 3, 4]], h2[:, [2, 3, 4]], T)
+        rho0 = np.where(t1 > 1, rho0, 1.0)
+        rho1 = np.minimum(rho1, 0.0)
         rho0 = np.maximum(rho0, np.finfo(np.float64).tiny)  # > 0 by construction; guard rounding
         delta[rows] = (t1 - 1) + rho0 / (rho0 - rho1)
     delta[undefined] = np.nan
     return delta.reshape(lead), censored.reshape(lead)
-
-
-def _rho_at(p1: np.ndarray, p2: np.ndarray, cov: np.ndarray, tau: np.ndarray) -> np.ndarray:
-    """ρ for one lag per row: p1, p2 (m, T+1), cov (m,), tau (m,) → (m,)."""
-    T = p1.shape[-1] - 1
-    r = np.arange(len(tau))
-    n = (T - tau).astype(np.float64)
-    sa = p1[r, T - tau]
-    sb = p1[r, T] - p1[r, tau]
-    va = p2[r, T - tau] - sa * sa / n
-    vb = p2[r, T] - p2[r, tau] - sb * sb / n
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.clip(cov / np.sqrt(np.maximum(va * vb, 0.0)), -1.0, 1.0)
 
 
 def decorrelation_time(
