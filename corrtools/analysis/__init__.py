@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from corrtools.analysis.correlation import decorrelation_time, detrend, lagged_pearson
 from corrtools.analysis.delta import (
+    rho_by_magnitude,
     delta_by_magnitude,
     delta_per_weight,
     load_delta,
@@ -21,6 +22,7 @@ __all__ = [
     "detrend",
     "lagged_pearson",
     "load_delta",
+    "rho_by_magnitude",
     "save_delta",
     "summarize_by_magnitude",
 ]

@@ -13,6 +13,7 @@ attribute (1 if absent). Δ/T is unitless, T being the number of recorded rows i
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,16 +28,26 @@ from corrtools.analysis.correlation import (
     _delta_last,
     _fft_dtype,
     _prepare,
+    lagged_pearson,
 )
 from corrtools.analysis.magnitude import Binning, assign_bins, bin_edges, binned_median
 from corrtools.errors import CorrtoolsError, close_matches
 
-__all__ = ["delta_per_weight", "delta_by_magnitude", "summarize_by_magnitude", "save_delta", "load_delta"]
+__all__ = [
+    "delta_by_magnitude",
+    "delta_per_weight",
+    "load_delta",
+    "rho_by_magnitude",
+    "save_delta",
+    "summarize_by_magnitude",
+]
 
 # working memory the kernel may use for one slice of columns (FFT buffers, prefix sums, covariances)
 _KERNEL_BYTES = 192 << 20
 # default cap on one block read from the store: all steps of some whole chunks of columns
 _BLOCK_BYTES = 768 << 20
+# quantiles of final |w| kept with the results (to shade "removable at density d" in plots)
+_QUANTILES = np.linspace(0.0, 1.0, 201)
 # kernel slices run on this many threads (the machines this targets have 2 cores)
 _THREADS = min(2, os.cpu_count() or 1)
 
@@ -220,26 +231,33 @@ def delta_per_weight(
     return out
 
 
+def _iter_columns(
+    ds: xr.Dataset, cols: np.ndarray, rows: slice, progress: bool, max_block_bytes: int, desc: str
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset into cols, x (T, k) float32) for consecutive blocks of the selected columns."""
+    from tqdm.auto import tqdm
+
+    T = rows.stop - rows.start
+    done = 0
+    values = ds["values"]
+    with tqdm(total=cols.size, unit="weight", disable=not progress, desc=desc) as bar:
+        for block in _blocks(cols, _weight_chunk(ds), T, max_block_bytes):
+            lo, hi = int(block[0]), int(block[-1]) + 1
+            raw = values[rows, lo:hi].values  # (T, hi - lo) float32, one read of whole chunks
+            yield done, (raw[:, block - lo] if block.size != hi - lo else raw)
+            done += block.size
+            bar.update(block.size)
+            del raw
+
+
 def _delta_numpy(
     ds: xr.Dataset, cols: np.ndarray, rows: slice, lag: int, detrend: Detrend, dtype: Any,
     progress: bool, max_block_bytes: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    from tqdm.auto import tqdm
-
-    T = rows.stop - rows.start
     d = np.empty(cols.size)
     c = np.empty(cols.size, dtype=bool)
-    done = 0
-    values = ds["values"]
-    with tqdm(total=cols.size, unit="weight", disable=not progress, desc="delta") as bar:
-        for block in _blocks(cols, _weight_chunk(ds), T, max_block_bytes):
-            lo, hi = int(block[0]), int(block[-1]) + 1
-            raw = values[rows, lo:hi].values  # (T, hi - lo) float32, one read of whole chunks
-            x = raw[:, block - lo] if block.size != hi - lo else raw  # (T, block.size)
-            d[done : done + block.size], c[done : done + block.size] = _delta_time_first(x, lag, detrend, dtype)
-            done += block.size
-            bar.update(block.size)
-            del raw, x
+    for off, x in _iter_columns(ds, cols, rows, progress, max_block_bytes, "delta"):
+        d[off : off + x.shape[1]], c[off : off + x.shape[1]] = _delta_time_first(x, lag, detrend, dtype)
     return d, c
 
 
@@ -279,13 +297,14 @@ def summarize_by_magnitude(
         "edge_low": np.full(shape, np.nan),
         "edge_high": np.full(shape, np.nan),
         "magnitude": np.full(shape, np.nan),
-        "count": np.zeros(shape, dtype=np.int64),
+        "n_weights": np.zeros(shape, dtype=np.int64),
         "undefined": np.zeros(shape, dtype=np.int64),
         "median_delta": np.full(shape, np.nan),
         "ci_low": np.full(shape, np.nan),
         "ci_high": np.full(shape, np.nan),
         "censored_fraction": np.full(shape, np.nan),
         "median_censored": np.zeros(shape, dtype=bool),
+        "magnitude_quantile": np.full((len(params), _QUANTILES.size), np.nan),
     }
     delta = np.asarray(per_weight["delta"].values)
     censored = np.asarray(per_weight["censored"].values)
@@ -296,11 +315,13 @@ def summarize_by_magnitude(
         idx = assign_bins(mag[sel], edges)
         stats = binned_median(delta[sel], censored[sel], idx, B, ci=ci, n_boot=n_boot, seed=seed + i)
         res["edge_low"][i], res["edge_high"][i] = edges[:-1], edges[1:]
+        finite = mag[sel][np.isfinite(mag[sel])]
+        res["magnitude_quantile"][i] = np.quantile(finite, _QUANTILES)
         for k in range(B):
             in_bin = mag[sel][idx == k]
             if in_bin.size:
                 res["magnitude"][i, k] = float(np.median(in_bin))
-        res["count"][i] = stats.count
+        res["n_weights"][i] = stats.count
         res["undefined"][i] = stats.undefined
         res["median_delta"][i] = stats.median
         res["ci_low"][i], res["ci_high"][i] = stats.ci_low, stats.ci_high
@@ -311,15 +332,18 @@ def summarize_by_magnitude(
         "edge_low": (("param", "bin"), res["edge_low"], {"long_name": "lower edge of final |w|"}),
         "edge_high": (("param", "bin"), res["edge_high"], {"long_name": "upper edge of final |w|"}),
         "magnitude": (("param", "bin"), res["magnitude"], {"long_name": "median final |w| in the bin"}),
-        "count": (("param", "bin"), res["count"]),
+        "n_weights": (("param", "bin"), res["n_weights"]),
         "undefined": (("param", "bin"), res["undefined"]),
         "median_delta": (("param", "bin"), res["median_delta"], units),
         "ci_low": (("param", "bin"), res["ci_low"], units),
         "ci_high": (("param", "bin"), res["ci_high"], units),
         "censored_fraction": (("param", "bin"), res["censored_fraction"]),
         "median_censored": (("param", "bin"), res["median_censored"]),
+        "magnitude_quantile": (
+            ("param", "quantile"), res["magnitude_quantile"], {"long_name": "quantiles of final |w|"}
+        ),
     }
-    out = xr.Dataset(data, coords={"param": params, "bin": np.arange(B)})
+    out = xr.Dataset(data, coords={"param": params, "bin": np.arange(B), "quantile": _QUANTILES})
     scale = 1.0 / (T * int(per_weight.attrs.get("every", 1)))
     for name in ("median_delta", "ci_low", "ci_high"):
         short = name.replace("median_delta", "median")
@@ -347,10 +371,11 @@ def delta_by_magnitude(
     """Median Δ per bin of final |w|, per parameter (the paper's Figure 1 as numbers).
 
     Returns a Dataset with dims (param, bin): ``edge_low``/``edge_high`` (bin edges of final |w|),
-    ``magnitude`` (median |w| in the bin), ``count``, ``undefined`` (Δ = NaN, left out),
+    ``magnitude`` (median |w| in the bin), ``n_weights`` (the count), ``undefined`` (Δ = NaN, left out),
     ``median_delta`` with its bootstrap interval ``ci_low``/``ci_high`` (optimizer steps), the same
     divided by T as ``median_over_T``/``ci_low_over_T``/``ci_high_over_T``, ``censored_fraction`` and
-    ``median_censored`` (≥ half censored: the median is then max_lag, a lower bound). Attrs record T,
+    ``median_censored`` (≥ half censored: the median is then max_lag, a lower bound), and
+    ``magnitude_quantile`` (param, quantile): quantiles of final |w| in steps of 0.5 %. Attrs record T,
     window, max_lag, detrend, binning. For per-weight Δ use ``delta_per_weight``; this function is
     ``summarize_by_magnitude(delta_per_weight(...))``.
     """
@@ -359,6 +384,78 @@ def delta_by_magnitude(
         progress=progress, max_block_bytes=max_block_bytes,
     )
     return summarize_by_magnitude(per_weight, bins=bins, binning=binning, ci=ci, n_boot=n_boot, seed=seed)
+
+
+def rho_by_magnitude(
+    ds_or_path: xr.Dataset | str | os.PathLike[str],
+    params: Sequence[str] | str | None = None,
+    *,
+    bins: int = 5,
+    binning: Binning = "quantile",
+    window: tuple[float, float] = (0.0, 1.0),
+    max_lag: int | None = None,
+    n_lags: int = 48,
+    detrend: Detrend = "none",
+    progress: bool = True,
+    max_block_bytes: int = _BLOCK_BYTES,
+) -> xr.Dataset:
+    """ρ(τ) per bin of final |w|: median and quartiles over the bin's weights at ~``n_lags``
+    log-spaced lags 1..max_lag (recorded rows; default half the window).
+
+    Returns a Dataset with dims (param, bin, lag): ``rho_median``, ``rho_q25``, ``rho_q75`` (NaN-aware),
+    ``n_weights`` (param, bin), ``edge_low``/``edge_high`` (param, bin), coords ``lag`` (rows) and ``lag_steps``.
+    """
+    if detrend not in DETRENDS:
+        raise CorrtoolsError(f"detrend={detrend!r} is not one of {', '.join(map(repr, DETRENDS))}; pick one of those.")
+    ds = _open(ds_or_path)
+    cols = _select_columns(ds, params)
+    rows = _window_rows(ds.sizes["step"], window)
+    T_rows = rows.stop - rows.start
+    T_eff = T_rows - 1 if detrend == "diff" else T_rows
+    if T_eff < 3:
+        raise CorrtoolsError(f"the window has {T_rows} recorded steps, too few for detrend={detrend!r}; widen the window.")
+    lag = _check_max_lag(max_lag, T_eff)
+    lags = np.unique(np.round(np.geomspace(1, lag, max(2, int(n_lags)))).astype(np.int64))
+    rho = np.empty((lags.size, cols.size), dtype=np.float32)
+    for off, x in _iter_columns(ds, cols, rows, progress, max_block_bytes, "rho"):
+        k = _kernel_cols(T_rows)
+        for s in range(0, x.shape[1], k):
+            sub = np.ascontiguousarray(x[:, s : s + k])
+            rho[:, off + s : off + s + sub.shape[1]] = lagged_pearson(sub, lags, detrend=detrend)
+    names = np.asarray(ds["param"].values).astype(str)[cols]
+    mag = np.abs(np.asarray(ds["final"].values, dtype=np.float64)[cols])
+    pnames = list(dict.fromkeys(names.tolist()))
+    B = int(bins)
+    stats = np.full((3, len(pnames), B, lags.size), np.nan)
+    count = np.zeros((len(pnames), B), dtype=np.int64)
+    edges = np.full((len(pnames), B + 1), np.nan)
+    for i, p in enumerate(pnames):
+        sel = names == p
+        edges[i] = bin_edges(mag[sel], B, binning)
+        idx = assign_bins(mag[sel], edges[i])
+        r = rho[:, sel]
+        for b in range(B):
+            in_bin = r[:, idx == b]
+            count[i, b] = in_bin.shape[1]
+            if in_bin.shape[1] and np.isfinite(in_bin).any():
+                with warnings.catch_warnings():  # an all-NaN lag in a bin: NaN is the answer
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    stats[:, i, b] = np.nanpercentile(in_bin, [50, 25, 75], axis=1)
+    every = _every(ds)
+    dims = ("param", "bin", "lag")
+    return xr.Dataset(
+        {
+            "rho_median": (dims, stats[0]),
+            "rho_q25": (dims, stats[1]),
+            "rho_q75": (dims, stats[2]),
+            "n_weights": (("param", "bin"), count),
+            "edge_low": (("param", "bin"), edges[:, :-1]),
+            "edge_high": (("param", "bin"), edges[:, 1:]),
+        },
+        coords={"param": pnames, "bin": np.arange(B), "lag": lags, "lag_steps": ("lag", lags * every)},
+        attrs={"T": T_rows, "every": every, "max_lag": lag, "window": [float(window[0]), float(window[1])],
+               "detrend": detrend, "binning": binning},
+    )
 
 
 def save_delta(path: str | os.PathLike[str], res: xr.Dataset, name: str = "delta") -> None:
