@@ -464,9 +464,9 @@ def save_delta(path: str | os.PathLike[str], res: xr.Dataset, name: str = "delta
     from corrtools.record.store import write_group
 
     out = res.copy()
-    for k, v in list(out.variables.items()):  # fixed-width unicode for Zarr v3
-        if v.dtype.kind in "OU":
-            out[k] = v.astype(str)
+    for k, v in list(out.variables.items()):  # variable-length strings: Zarr v3 has a spec for those
+        if v.dtype.kind == "U":
+            out[k] = v.astype(object)
     out.attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in res.attrs.items()}
     write_group(path, name, out)
 

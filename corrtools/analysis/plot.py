@@ -16,7 +16,7 @@ import xarray as xr
 
 from corrtools.errors import CorrtoolsError
 
-__all__ = ["FORMATS", "format_table", "plot_delta", "plot_rho", "removable_threshold", "table_rows"]
+__all__ = ["FORMATS", "check_density", "check_figure_path", "format_table", "plot_delta", "plot_rho", "removable_threshold", "table_rows"]
 
 FORMATS = (".png", ".svg", ".pdf")
 
@@ -30,7 +30,8 @@ def _pyplot() -> Any:
     return plt
 
 
-def _check_path(path: str | os.PathLike[str] | None) -> Path | None:
+def check_figure_path(path: str | os.PathLike[str] | None) -> Path | None:
+    """The figure path as a Path (None stays None); CorrtoolsError for an unknown extension or folder."""
     if path is None:
         return None
     p = Path(path)
@@ -43,7 +44,8 @@ def _check_path(path: str | os.PathLike[str] | None) -> Path | None:
     return p
 
 
-def _check_density(density: float | None) -> None:
+def check_density(density: float | None) -> None:
+    """CorrtoolsError unless density is None or in (0, 1]."""
     if density is not None and not 0.0 < float(density) <= 1.0:
         raise CorrtoolsError(f"density={density} must lie in (0, 1], e.g. 0.5 to keep half the weights.")
 
@@ -51,7 +53,7 @@ def _check_density(density: float | None) -> None:
 def removable_threshold(res: xr.Dataset, density: float) -> xr.DataArray:
     """Per param, the final |w| below which weights are removable at ``density`` (keep the top d):
     the (1 - d) quantile of final |w|, interpolated from ``magnitude_quantile``."""
-    _check_density(density)
+    check_density(density)
     q = res["quantile"].values
     return xr.apply_ufunc(
         lambda v: np.interp(1.0 - float(density), q, v), res["magnitude_quantile"],
@@ -77,8 +79,8 @@ def plot_delta(
     magnitudes removable at ``density`` shaded (None: no shading). Saves to ``path`` if given
     (format from the extension) and returns the matplotlib Figure.
     """
-    p = _check_path(path)
-    _check_density(density)
+    p = check_figure_path(path)
+    check_density(density)
     plt = _pyplot()
     params = [str(v) for v in res["param"].values]
     rows, cols = _grid(len(params))
@@ -137,7 +139,7 @@ def plot_rho(res: xr.Dataset, path: str | os.PathLike[str] | None = None, *, tit
     """ρ(τ) curves from ``rho_by_magnitude``: per param, the median over each magnitude bin's weights
     with its interquartile band, lag (optimizer steps) on a log axis. Saves to ``path`` if given;
     returns the Figure."""
-    p = _check_path(path)
+    p = check_figure_path(path)
     plt = _pyplot()
     params = [str(v) for v in res["param"].values]
     rows, cols = _grid(len(params))
