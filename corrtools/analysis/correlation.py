@@ -324,29 +324,37 @@ def _delta_last(
     flat = np.ascontiguousarray(c.reshape(-1, T), dtype=dtype)  # (m, T)
     m, L = flat.shape[0], max_lag
     cross = _cross_fft(flat, L, dtype, workers)  # (m, L + 1): lag 0..L
-    p1 = np.empty((m, T + 1), dtype=dtype)  # prefix sums of c with a leading 0
-    p1[:, 0] = 0
-    np.cumsum(flat, axis=1, dtype=dtype, out=p1[:, 1:])
+    total = flat.sum(axis=1, dtype=np.float64).astype(dtype)  # (m,) Σ c, ≈ 0 after de-meaning
+    head = np.zeros(m, dtype=dtype)  # Σ_{t<lo} c of the rows still searching
+    tail = np.zeros(m, dtype=dtype)  # Σ_{t≥T-lo} c
     inv_n = (1.0 / (T - np.arange(1, L + 1))).astype(dtype)  # (L,) for lags 1..L
     nan_lag = _nan_from_lag(flat)  # (m,)
     tau = np.zeros(m, dtype=np.int64)  # lag that stopped the search, 0 while searching
     active = np.arange(m)
     lo, width = 0, _FIRST_LAGS
     while lo < L and active.size:
-        hi = min(L, lo + width)  # this round: lags lo+1..hi
-        whole = active.size == m
-        rows = slice(None) if whole else active
-        sb = np.subtract(p1[rows, T : T + 1], p1[rows, lo + 1 : hi + 1])  # (a, hi - lo)
-        sb *= p1[rows, T - hi : T - lo][:, ::-1]  # · sa
-        sb *= inv_n[lo:hi]
-        cov = np.subtract(cross[rows, lo + 1 : hi + 1], sb, out=sb)
+        hi = min(L, lo + width)  # this round: lags lo+1..hi, only the ends of each row are read
+        rows = slice(None) if active.size == m else active
+        # running sums from both ends: H(τ) = Σ_{t<τ} c, S(τ) = Σ_{t≥T-τ} c, for τ = lo+1..hi
+        h = np.cumsum(flat[rows, lo:hi], axis=1, dtype=dtype)
+        h += head[:, None]
+        t_ = np.cumsum(flat[rows, T - hi : T - lo][:, ::-1], axis=1, dtype=dtype)
+        t_ += tail[:, None]
+        tot = total[rows][:, None]
+        head, tail = h[:, -1].copy(), t_[:, -1].copy()  # h, t_ are overwritten below
+        # cov(τ) = cross(τ) - sa·sb/n with sa = Σ_{t<T-τ} c = tot - S, sb = Σ_{t≥τ} c = tot - H
+        np.subtract(tot, h, out=h)
+        np.subtract(tot, t_, out=t_)
+        h *= t_
+        h *= inv_n[lo:hi]
+        cov = np.subtract(cross[rows, lo + 1 : hi + 1], h, out=h)
         hit = cov <= 0
         late = nan_lag[active] <= hi  # a window turns constant in this block: stop there too
         for j in np.nonzero(late)[0]:
             hit[j, max(nan_lag[active[j]] - 1 - lo, 0) :] = True
         stop = hit.any(axis=1)
         tau[active[stop]] = lo + 1 + hit[stop].argmax(axis=1)
-        active = active[~stop]
+        active, head, tail = active[~stop], head[~stop], tail[~stop]
         lo, width = hi, width * 4
     censored = tau == 0
     undefined = ~censored & (tau >= nan_lag)

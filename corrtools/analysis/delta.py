@@ -43,9 +43,9 @@ __all__ = [
 ]
 
 # working memory the kernel may use for one slice of columns (FFT buffers, prefix sums, covariances)
-_KERNEL_BYTES = 192 << 20
+_KERNEL_BYTES = 96 << 20
 # default cap on one block read from the store: all steps of some whole chunks of columns
-_BLOCK_BYTES = 768 << 20
+_BLOCK_BYTES = 512 << 20
 # quantiles of final |w| kept with the results (to shade "removable at density d" in plots)
 _QUANTILES = np.linspace(0.0, 1.0, 201)
 # kernel slices run on this many threads (the machines this targets have 2 cores)
@@ -258,6 +258,7 @@ def _delta_numpy(
     c = np.empty(cols.size, dtype=bool)
     for off, x in _iter_columns(ds, cols, rows, progress, max_block_bytes, "delta"):
         d[off : off + x.shape[1]], c[off : off + x.shape[1]] = _delta_time_first(x, lag, detrend, dtype)
+        del x  # before the next block is read: one block in memory at a time
     return d, c
 
 
@@ -422,6 +423,7 @@ def rho_by_magnitude(
         for s in range(0, x.shape[1], k):
             sub = np.ascontiguousarray(x[:, s : s + k])
             rho[:, off + s : off + s + sub.shape[1]] = lagged_pearson(sub, lags, detrend=detrend)
+        del x, sub  # before the next block is read
     names = np.asarray(ds["param"].values).astype(str)[cols]
     mag = np.abs(np.asarray(ds["final"].values, dtype=np.float64)[cols])
     pnames = list(dict.fromkeys(names.tolist()))
