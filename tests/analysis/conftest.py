@@ -43,3 +43,13 @@ def run_store(tmp_path_factory) -> tuple[Path, np.ndarray, list[str]]:
     x, _ = ar1_columns(T_STEPS, len(names), seed=0)
     path = write_store(tmp_path_factory.mktemp("store") / "run.zarr", x, names, chunk_steps=32, chunk_weights=16)
     return path, x, names
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Figures made by a test are closed after it (plot functions return them open)."""
+    yield
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
