@@ -1,6 +1,6 @@
 """The Recorder: streams sampled per-weight trajectories of a PyTorch run into a run store.
 
-Per recorded step the sampled values of all parameters are gathered with ``torch.take`` into one
+Per recorded step the sampled values of all parameters are gathered with ``index_select`` into one
 row of a preallocated host block (on CUDA: into one float32 device buffer, then one non-blocking
 copy into pinned host memory). Full blocks of ``chunk_steps`` rows go through a bounded queue to one
 background thread that writes them with `RunWriter.write_block`, so training waits on compression
@@ -71,6 +71,15 @@ class _DeviceGroup:
     stop: int
     entries: list[tuple[nn.Parameter, torch.Tensor, int, int]]  # (param, index, col start, col stop)
     staging: torch.Tensor | None = None                           # (stop - start,) float32 on device
+
+
+def _gather(p: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
+    """out (k,) float32 <- p.flatten()[idx] (index_select on the flat view is ~3x faster than take)."""
+    flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
+    if p.dtype == torch.float32:
+        torch.index_select(flat, 0, idx, out=out)
+    else:
+        out.copy_(torch.index_select(flat, 0, idx))
 
 
 def _describe_params(params: ParamFilter) -> Any:
@@ -169,6 +178,7 @@ class Recorder:
         self._pending_sum, self._pending_n = 0.0, 0
         self._optimizer: torch.optim.Optimizer | None = None
         self._hook: Any = None
+        self._optimizer_attrs: dict[str, Any] | None = None
         self._closed = False
         self._error: BaseException | None = None
         self._reported = False
@@ -192,7 +202,10 @@ class Recorder:
         self._optimizer = optimizer
         self._hook = optimizer.register_step_post_hook(self._on_step)
         defaults = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))}
-        self._send("attrs", {"optimizer": type(optimizer).__name__, "optimizer_defaults": defaults})
+        attrs = {"optimizer": type(optimizer).__name__, "optimizer_defaults": defaults}
+        if attrs != self._optimizer_attrs:  # re-attaching the same optimizer writes nothing
+            self._optimizer_attrs = attrs
+            self._send("attrs", attrs)
         return self
 
     def detach(self) -> None:
@@ -289,17 +302,11 @@ class Recorder:
             for g in self._groups:
                 if g.staging is None:  # CPU: straight into the host row
                     for p, idx, a, b in g.entries:
-                        if p.dtype == torch.float32:
-                            torch.take(p, idx, out=row[a:b])
-                        else:
-                            row[a:b].copy_(torch.take(p, idx))
+                        _gather(p, idx, row[a:b])
                 else:
                     base = g.start
                     for p, idx, a, b in g.entries:
-                        if p.dtype == torch.float32:
-                            torch.take(p, idx, out=g.staging[a - base : b - base])
-                        else:
-                            g.staging[a - base : b - base].copy_(torch.take(p, idx))
+                        _gather(p, idx, g.staging[a - base : b - base])
                     row[g.start : g.stop].copy_(g.staging, non_blocking=True)
         cur.steps[i] = step
         cur.lr[i] = lr
@@ -343,6 +350,7 @@ class Recorder:
         while True:
             item = self._queue.get()
             if item is None:
+                self._queue.task_done()
                 return
             kind, payload = item
             try:
@@ -358,6 +366,13 @@ class Recorder:
                 if kind == "block":
                     payload.reset()
                     self._free.put(payload)
+                self._queue.task_done()
+
+    def _wait_writer(self) -> None:
+        """Block until every block handed to the writer is written (the block being filled stays in
+        memory); used by benchmarks to charge writing to the steps that caused it."""
+        self._queue.join()
+        self._raise_if_failed()
 
     def _write_block(self, block: _Block) -> None:
         if block.event is not None:

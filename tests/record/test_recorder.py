@@ -337,3 +337,13 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(CorrtoolsError, match="start_step"):
         Recorder(_Net(), tmp_path / "a.zarr", start_step=4)
     assert math.isnan(float("nan"))
+
+
+def test_non_contiguous_parameters_use_logical_flat_order(tmp_path):
+    model = nn.Module()
+    model.w = nn.Parameter(torch.randn(6, 5).t())  # (5, 6), non-contiguous
+    assert not model.w.is_contiguous()
+    with Recorder(model, tmp_path / "t.zarr", sample=12) as rec:
+        rec.record()
+    ds = open_run(tmp_path / "t.zarr")
+    np.testing.assert_array_equal(ds["values"].values[0], model.w.detach().flatten()[ds["index"].values].numpy())
