@@ -17,7 +17,7 @@ def test_recorder_overhead_quick_prints_table():
     assert out.returncode == 0, out.stderr
     rows = dict()
     for line in out.stdout.splitlines():
-        m = re.fullmatch(r"(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", line.strip())
+        m = re.fullmatch(r"(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", line.strip())
         if m:
             rows[m.group(1)] = (int(m.group(2)), float(m.group(3)), float(m.group(4)))
     assert set(rows) == {"none", "recorder_1e4", "recorder_1e5", "naive_1e5"}
