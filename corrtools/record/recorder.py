@@ -116,6 +116,8 @@ class Recorder:
     ((5, 16), [1, 2, 3, 4, 5], 'complete')
     """
 
+    _stage_on_cpu = False  # tests set it to run the device-buffer path on CPU
+
     def __init__(
         self,
         model: nn.Module,
@@ -197,6 +199,7 @@ class Recorder:
     def attach(self, optimizer: torch.optim.Optimizer) -> Recorder:
         """Record after every ``optimizer.step()`` (via ``register_step_post_hook``); returns self."""
         self._raise_if_failed()
+        self._check_open()
         if self._hook is not None:
             raise CorrtoolsError("this Recorder is already attached to an optimizer; call rec.detach() first")
         self._optimizer = optimizer
@@ -337,7 +340,7 @@ class Recorder:
                     raise RuntimeError(f"corrtools Recorder: the writer thread of {self.path} stopped") from self._error
 
     def _submit(self, block: _Block) -> None:
-        if any(g.staging is not None for g in self._groups):
+        if any(g.device.type == "cuda" for g in self._groups):
             block.event = torch.cuda.Event()
             block.event.record()
         self._send("block", block)
@@ -449,7 +452,8 @@ class Recorder:
                 idx = torch.as_tensor(s.index, dtype=torch.int64, device=d)
                 entries.append((p, idx, col, col + len(s.index)))
                 col += len(s.index)
-            staging = None if d.type == "cpu" else torch.empty(col - start, dtype=torch.float32, device=d)
+            stage = d.type != "cpu" or self._stage_on_cpu
+            staging = torch.empty(col - start, dtype=torch.float32, device=d) if stage else None
             groups.append(_DeviceGroup(d, start, col, entries, staging))
         return groups
 

@@ -43,7 +43,7 @@ def _train(model, opt, steps, rec=None, sched=None, seed=0):
     copies, losses = {0: _snapshot(model)}, {}
     for _ in range(steps):
         x = torch.randn(4, 6, generator=gen)
-        loss = model(x.to(next(model.parameters()).dtype)).float().square().mean()
+        loss = model(x.to(model.fc1.weight.dtype)).float().square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -347,3 +347,26 @@ def test_non_contiguous_parameters_use_logical_flat_order(tmp_path):
         rec.record()
     ds = open_run(tmp_path / "t.zarr")
     np.testing.assert_array_equal(ds["values"].values[0], model.w.detach().flatten()[ds["index"].values].numpy())
+
+
+def test_device_buffer_path_gives_the_same_values(tmp_path, monkeypatch):
+    """The CUDA path (gather into one device buffer, one copy to the host row) run on CPU."""
+    monkeypatch.setattr(Recorder, "_stage_on_cpu", True)
+    torch.manual_seed(0)
+    model = _Net(dtype=torch.float16)
+    model.extra = nn.Parameter(torch.randn(4, 4))  # float32 next to float16 columns
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Recorder(model, tmp_path / "s.zarr", sample=9, chunk_steps=2).attach(opt) as rec:
+        assert all(g.staging is not None for g in rec._groups)
+        copies, _ = _train(model, opt, 5, rec)
+    ds = open_run(tmp_path / "s.zarr")
+    for r, s in enumerate(ds["step"].values):
+        np.testing.assert_array_equal(ds["values"].values[r], _expected_row(ds, copies[s]))
+
+
+def test_attach_after_close_is_an_error(tmp_path):
+    model = _Net()
+    rec = Recorder(model, tmp_path / "c.zarr", sample=3)
+    rec.close()
+    with pytest.raises(CorrtoolsError, match="closed"):
+        rec.attach(torch.optim.SGD(model.parameters(), lr=0.1))
