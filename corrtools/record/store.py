@@ -66,18 +66,22 @@ PathLike = str | os.PathLike[str]
 
 # --------------------------------------------------------------------------------------- chunking
 def default_chunks(n_weights: int, itemsize: int = 4) -> tuple[int, int]:
-    """(chunk_steps, chunk_weights) for `values`: ~4 MiB per chunk, at most 16384 weights wide,
-    between 16 and 1024 steps tall."""
-    chunk_weights = max(1, min(int(n_weights), _MAX_CHUNK_WEIGHTS))
+    """(chunk_steps, chunk_weights) for `values`: ~4 MiB per chunk, the weights split evenly into
+    chunks of at most 16384 (no mostly-empty edge chunk), between 16 and 1024 steps tall."""
+    n_weights = max(1, int(n_weights))
+    n_chunks = -(-n_weights // _MAX_CHUNK_WEIGHTS)
+    chunk_weights = -(-n_weights // n_chunks)
     chunk_steps = _TARGET_CHUNK_BYTES // (itemsize * chunk_weights)
     return int(min(max(chunk_steps, 16), 1024)), chunk_weights
 
 
 def _compressor(name: str) -> Any:
-    """The `values` codec. Measured on float32 weight trajectories (see notes/recorder.md): blosc lz4
-    with byte shuffle is the fastest of lz4/zstd-1/none here and stores ~0.8 of the raw size."""
+    """The `values` codec. Measured on 41 x 100k float32 weights of the CharLM workload (see
+    notes/recorder.md): blosc lz4 + bitshuffle stores 0.85 of the raw size (lz4 + byte shuffle
+    0.89, zstd-1 ~0.9, none 1.0) at the lowest CPU cost per block, since on this machine writing
+    the bytes costs the kernel about as much CPU as compressing them."""
     if name == "lz4":
-        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4)
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=4)
     if name == "zstd":
         return zarr.codecs.ZstdCodec(level=1)
     if name == "none":

@@ -341,7 +341,8 @@ def test_default_chunks_are_a_few_megabytes():
         cs, cw = store_mod.default_chunks(n)
         assert cw <= n and 16 <= cs <= 1024
         assert cs * cw * 4 <= 8 << 20
-    assert store_mod.default_chunks(100_000) == (64, 16384)
+    assert store_mod.default_chunks(100_000) == (73, 14286)  # 7 even chunks of weights
+    assert store_mod.default_chunks(32768) == (64, 16384)
 
 
 def test_large_synthetic_store_writes_quickly(tmp_path):
