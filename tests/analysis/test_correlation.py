@@ -214,3 +214,34 @@ def test_float32_path_agrees_with_float64() -> None:
 def test_docstring_examples_run() -> None:
     result = doctest.testmod(corr)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _reference_delta(x: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Δ by the definition, from np.corrcoef lag by lag; also the smallest |ρ| met before stopping."""
+    rho = _reference_rho(x, range(max_lag + 1))
+    N = x.shape[1]
+    delta, cens, closest = np.full(N, float(max_lag)), np.ones(N, dtype=bool), np.full(N, np.inf)
+    for j in range(N):
+        for tau in range(1, max_lag + 1):
+            r = rho[tau, j]
+            if np.isnan(r):
+                delta[j], cens[j] = np.nan, False
+                break
+            closest[j] = min(closest[j], abs(r))
+            if r <= 0:
+                prev = 1.0 if tau == 1 else rho[tau - 1, j]
+                delta[j], cens[j] = tau - 1 + prev / (prev - r), False
+                break
+    return delta, cens, closest
+
+
+@settings(max_examples=150, deadline=None)
+@given(_series(), st.data())
+def test_delta_follows_the_definition(x: np.ndarray, data) -> None:
+    T = x.shape[0]
+    max_lag = data.draw(st.integers(1, T - 2))
+    ref, ref_cens, closest = _reference_delta(x, max_lag)
+    delta, censored = decorrelation_time(x, max_lag=max_lag)
+    clear = closest > 1e-9  # a ρ within rounding of 0 may fall either side: skip those series
+    np.testing.assert_array_equal(censored[clear], ref_cens[clear])
+    np.testing.assert_allclose(delta[clear], ref[clear], rtol=0, atol=1e-6)

@@ -138,3 +138,21 @@ def test_rho_by_magnitude_matches_kernel(run_store) -> None:
     first = mags < float(res["edge_high"].values[0, 0])
     np.testing.assert_allclose(res["rho_median"].values[0, 0], np.median(rho[:, first], axis=1), atol=1e-5)
     assert res["lag_steps"].values[0] == lags[0] * EVERY
+
+
+def test_constant_weights_are_undefined_not_warnings(tmp_path) -> None:
+    import warnings
+
+    x, _ = ar1_columns(120, 12, seed=4)
+    x[:, 3] = 0.25  # a weight that never moved
+    x[60:, 5] = x[59, 5]  # frozen halfway: its second window turns constant at lag 60
+    p = write_store(tmp_path / "frozen.zarr", x, ["w"] * 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pw = delta_per_weight(p, progress=False)
+        res = delta_by_magnitude(p, bins=2, progress=False)
+    assert np.isnan(pw["delta"].values[3]) and not pw["censored"].values[3]
+    ref, _ = decorrelation_time(x)
+    np.testing.assert_allclose(pw["delta"].values, ref * EVERY)  # NaN in the same places
+    assert int(res["undefined"].sum()) == int(np.isnan(ref).sum()) >= 1
+    assert int(res["n_weights"].sum()) == 12
