@@ -96,11 +96,12 @@ def plot_delta(
         cens = r["median_censored"].values
         ok = np.isfinite(x) & np.isfinite(y) & (x > 0)
         err = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
-        exact = ok & ~cens
-        ax.errorbar(x[exact], y[exact], yerr=err[:, exact], fmt="o-", color="C0", ms=4, capsize=2,
-                    label="median Δ/T (CI)")
+        ax.plot(x[ok], y[ok], "-", color="C0", lw=1.2)
+        ax.errorbar(x[ok], y[ok], yerr=err[:, ok], fmt="none", ecolor="C0", capsize=2, lw=1)
+        ax.plot(x[ok & ~cens], y[ok & ~cens], "o", color="C0", ms=4, label="median Δ/T (bootstrap CI)")
         if (ok & cens).any():
-            ax.plot(x[ok & cens], y[ok & cens], "^", mfc="none", color="C0", label="censored (≥)")
+            ax.plot(x[ok & cens], y[ok & cens], "^", mfc="white", color="C0", ms=6,
+                    label="median censored (≥ max_lag/T)")
         top = float(np.nanmax(np.r_[hi[ok], y[ok], 0.0])) * 1.2 or 1.0
         if ceiling <= top * 1.02 or (ok & cens).any():
             ax.axhline(ceiling, ls="--", lw=0.8, color="0.5", label="max_lag/T")
@@ -121,8 +122,12 @@ def plot_delta(
         ax.grid(True, which="major", alpha=0.3, lw=0.5)
     for j in range(len(params), rows * cols):
         axes[j // cols][j % cols].set_visible(False)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    legend: dict[str, Any] = {}
+    for ax in fig.axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), fontsize=8,
+               frameon=False)
     window = res.attrs.get("window", [0, 1])
     fig.suptitle(
         title or f"Decorrelation time by magnitude (T={res.attrs['T']} recorded steps, "
