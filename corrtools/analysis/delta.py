@@ -110,18 +110,22 @@ def _weight_chunk(ds: xr.Dataset) -> int:
 
 
 def _blocks(cols: np.ndarray, chunk: int, n_steps: int, max_block_bytes: int) -> Iterator[np.ndarray]:
-    """Groups of the selected columns, each spanning whole store chunks (or, if one chunk with all
-    its steps exceeds ``max_block_bytes``, a part of one chunk; its compressed data is then read once
-    per part)."""
-    chunk_ids = cols // chunk
-    per_chunk = max(1, max_block_bytes // max(1, n_steps * chunk * 4))
-    start_ids = np.unique(chunk_ids)
-    for g in range(0, len(start_ids), per_chunk):
-        ids = start_ids[g : g + per_chunk]
-        sel = cols[np.isin(chunk_ids, ids)]
-        max_cols = max(1, max_block_bytes // max(1, n_steps * 4))
-        for s in range(0, sel.size, max_cols):
-            yield sel[s : s + max_cols]
+    """Groups of the selected columns (sorted) to read at once: each spans whole store chunks, at most
+    ``max_block_bytes`` of them with all their steps (the read covers the span first..last). If one
+    chunk alone exceeds the budget, a group is part of a chunk, whose compressed data is then read
+    once per part."""
+    span_chunks = max(1, max_block_bytes // max(1, n_steps * chunk * 4))  # chunks per read
+    span_cols = max(1, max_block_bytes // max(1, n_steps * 4))
+    span = span_chunks * chunk if span_chunks > 1 or span_cols >= chunk else span_cols
+    i = 0
+    while i < cols.size:
+        if span >= chunk:  # whole chunks: from the first selected column's chunk
+            end = (cols[i] // chunk) * chunk + span
+        else:
+            end = cols[i] + span
+        j = int(np.searchsorted(cols, end, side="left"))
+        yield cols[i:j]
+        i = j
 
 
 def _kernel_cols(T: int) -> int:

@@ -156,3 +156,30 @@ def test_constant_weights_are_undefined_not_warnings(tmp_path) -> None:
     np.testing.assert_allclose(pw["delta"].values, ref * EVERY)  # NaN in the same places
     assert int(res["undefined"].sum()) == int(np.isnan(ref).sum()) >= 1
     assert int(res["n_weights"].sum()) == 12
+
+
+@pytest.mark.parametrize("budget_cols", [1, 5, 16, 40, 1000])
+def test_blocks_cover_the_selection_within_budget(budget_cols) -> None:
+    from corrtools.analysis.delta import _blocks
+
+    cols = np.r_[0:10, 30:35, 100:140, 500]
+    chunk, T = 16, 10
+    blocks = list(_blocks(cols, chunk, T, max_block_bytes=budget_cols * T * 4))
+    np.testing.assert_array_equal(np.concatenate(blocks), cols)
+    for b in blocks:
+        if budget_cols >= chunk:  # whole chunks, as many as fit in the budget
+            n_chunks = b[-1] // chunk - b[0] // chunk + 1
+            assert n_chunks <= budget_cols // chunk
+        else:  # parts of a chunk, each read within the budget
+            assert b[-1] - b[0] + 1 <= budget_cols
+
+
+def test_sparse_selection_with_small_blocks(run_store) -> None:
+    path, x, names = run_store
+    sel = ["layer.a.weight", "head.weight"]  # far apart in the store
+    whole = delta_per_weight(path, sel, progress=False)
+    small = delta_per_weight(path, sel, progress=False, max_block_bytes=T_STEPS * 4 * 16)
+    np.testing.assert_array_equal(small["delta"].values, whole["delta"].values)
+    cols = [j for j, n in enumerate(names) if n in sel]
+    ref, _ = decorrelation_time(x[:, cols])
+    np.testing.assert_allclose(whole["delta"].values, ref * EVERY)
