@@ -140,26 +140,27 @@ def _kernel_cols(T: int) -> int:
 def _delta_slice(
     x: np.ndarray, max_lag: int, detrend: Detrend, dtype: Any, workers: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One kernel call on x (T, k), time first (a slice of a block read from the store)."""
+    """One kernel call on x (k, T), time last, any strides."""
     ftype = _fft_dtype(x, dtype)
-    sub = np.ascontiguousarray(x)  # (T, k): a cheap copy of row segments
-    c = _prepare(sub.T, detrend, ftype)  # (k, T) contiguous, de-meaned
+    if not (x.flags.c_contiguous or x.flags.f_contiguous):
+        x = np.ascontiguousarray(x.T).T  # a slice of a (T, N) block: copy its row segments first
+    c = _prepare(x, detrend, ftype)  # (k, T) C-contiguous, de-meaned
     return _delta_last(c, max_lag, ftype, workers)
 
 
-def _delta_time_first(
+def _delta_time_last(
     x: np.ndarray, max_lag: int, detrend: Detrend, dtype: Any, threads: int = _THREADS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Δ (rows) and censored for x (T, N) with time first, in slices of columns on ``threads`` threads
-    (numpy and pocketfft release the GIL, so slices run in parallel)."""
-    N = x.shape[1]
-    k = _kernel_cols(x.shape[0])
+    """Δ (rows) and censored for x (N, T), time last (a transposed view of a (T, N) block is fine),
+    in slices of columns on ``threads`` threads (numpy and pocketfft release the GIL)."""
+    N = x.shape[0]
+    k = _kernel_cols(x.shape[1])
     starts = list(range(0, N, k))
     d = np.empty(N)
     c = np.empty(N, dtype=bool)
 
     def one(s: int) -> None:
-        d[s : s + k], c[s : s + k] = _delta_slice(x[:, s : s + k], max_lag, detrend, dtype, 1)
+        d[s : s + k], c[s : s + k] = _delta_slice(x[s : s + k], max_lag, detrend, dtype, 1)
 
     if threads > 1 and len(starts) > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -173,7 +174,7 @@ def _delta_time_first(
 def _delta_rows(x: np.ndarray, max_lag: int, detrend: Detrend, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     """The apply_ufunc kernel: (..., T) with time last → Δ (...,) in rows and censored (...,)."""
     flat = x.reshape(-1, x.shape[-1])
-    d, c = _delta_time_first(flat.T, max_lag, detrend, dtype, threads=1)
+    d, c = _delta_time_last(flat, max_lag, detrend, dtype, threads=1)
     return d.reshape(x.shape[:-1]), c.reshape(x.shape[:-1])
 
 
@@ -261,7 +262,7 @@ def _delta_numpy(
     d = np.empty(cols.size)
     c = np.empty(cols.size, dtype=bool)
     for off, x in _iter_columns(ds, cols, rows, progress, max_block_bytes, "delta"):
-        d[off : off + x.shape[1]], c[off : off + x.shape[1]] = _delta_time_first(x, lag, detrend, dtype)
+        d[off : off + x.shape[1]], c[off : off + x.shape[1]] = _delta_time_last(x.T, lag, detrend, dtype)
         del x  # before the next block is read: one block in memory at a time
     return d, c
 
