@@ -1,0 +1,485 @@
+"""From a run store to Δ: per weight, and as medians per bin of final |w| (the paper's Figure 1).
+
+Reads the store through ``open_run`` only. Out of core: the selected columns are read in blocks of
+whole store chunks along ``weight`` (all steps of those columns at once, so every compressed chunk is
+decompressed once), and each block is handed to the kernel in slices of a few hundred columns; peak
+memory is set by one block (``max_block_bytes``), not by the store. With a dask-backed dataset (e.g.
+``open_run(path, chunks={"weight": 4096})``) the same kernel runs through
+``xr.apply_ufunc(..., dask="parallelized")`` on whatever scheduler is active, and gives the same numbers.
+
+Units. Δ is reported in optimizer steps: the lag in recorded rows times the store's ``every``
+attribute (1 if absent). Δ/T is unitless, T being the number of recorded rows in the window.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from corrtools.analysis.correlation import (
+    DETRENDS,
+    Detrend,
+    _check_max_lag,
+    _delta_last,
+    _fft_dtype,
+    _prepare,
+    lagged_pearson,
+)
+from corrtools.analysis.magnitude import Binning, assign_bins, bin_edges, binned_median
+from corrtools.errors import CorrtoolsError, close_matches
+
+__all__ = [
+    "delta_by_magnitude",
+    "delta_per_weight",
+    "load_delta",
+    "rho_by_magnitude",
+    "save_delta",
+    "summarize_by_magnitude",
+]
+
+# working memory the kernel may use for one slice of columns (FFT buffers, prefix sums, covariances)
+_KERNEL_BYTES = 96 << 20
+# default cap on one block read from the store: all steps of some whole chunks of columns
+_BLOCK_BYTES = 512 << 20
+# quantiles of final |w| kept with the results (to shade "removable at density d" in plots)
+_QUANTILES = np.linspace(0.0, 1.0, 201)
+# kernel slices run on this many threads (the machines this targets have 2 cores)
+_THREADS = min(2, os.cpu_count() or 1)
+
+
+def _open(ds_or_path: xr.Dataset | str | os.PathLike[str]) -> xr.Dataset:
+    if isinstance(ds_or_path, xr.Dataset):
+        return ds_or_path
+    from corrtools.record.store import open_run
+
+    return open_run(ds_or_path)
+
+
+def _select_columns(ds: xr.Dataset, params: Sequence[str] | str | None) -> np.ndarray:
+    """Column indices (sorted) of the requested parameters; unknown names raise with close matches."""
+    names = np.asarray(ds["param"].values).astype(str)
+    if params is None:
+        return np.arange(names.size)
+    if isinstance(params, str):
+        params = [params]
+    known = list(dict.fromkeys(names.tolist()))
+    for p in params:
+        if p not in known:
+            raise CorrtoolsError(
+                f"parameter {p!r} was not recorded in this run{close_matches(p, known)}; "
+                f"`corrtools info` lists the recorded ones."
+            )
+    return np.nonzero(np.isin(names, list(params)))[0]
+
+
+def _window_rows(n_rows: int, window: tuple[float, float]) -> slice:
+    """Rows [i0, i1) for a fraction window (a, b) of the recorded rows; at least 3 rows."""
+    try:
+        a, b = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise CorrtoolsError(f"window={window!r} must be two fractions (start, end), e.g. (0.5, 1.0).") from None
+    if not 0.0 <= a < b <= 1.0:
+        raise CorrtoolsError(f"window=({a}, {b}) must satisfy 0 ≤ start < end ≤ 1, e.g. (0.5, 1.0).")
+    i0, i1 = int(round(a * n_rows)), int(round(b * n_rows))
+    if i1 - i0 < 3:
+        raise CorrtoolsError(
+            f"window=({a}, {b}) selects {max(i1 - i0, 0)} of the run's {n_rows} recorded steps; "
+            "Δ needs at least 3, so widen the window or record a longer run."
+        )
+    return slice(i0, i1)
+
+
+def _every(ds: xr.Dataset) -> int:
+    try:
+        return max(1, int(ds.attrs.get("every", 1)))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _weight_chunk(ds: xr.Dataset) -> int:
+    values = ds["values"]
+    if values.chunks is not None:  # dask: its own chunking along weight
+        return int(max(values.chunks[values.dims.index("weight")]))
+    pref = values.encoding.get("preferred_chunks", {})
+    return int(pref.get("weight", values.shape[1]))
+
+
+def _blocks(cols: np.ndarray, chunk: int, n_steps: int, max_block_bytes: int) -> Iterator[np.ndarray]:
+    """Groups of the selected columns (sorted) to read at once: each spans whole store chunks, at most
+    ``max_block_bytes`` of them with all their steps (the read covers the span first..last). If one
+    chunk alone exceeds the budget, a group is part of a chunk, whose compressed data is then read
+    once per part."""
+    span_chunks = max(1, max_block_bytes // max(1, n_steps * chunk * 4))  # chunks per read
+    span_cols = max(1, max_block_bytes // max(1, n_steps * 4))
+    span = span_chunks * chunk if span_chunks > 1 or span_cols >= chunk else span_cols
+    i = 0
+    while i < cols.size:
+        if span >= chunk:  # whole chunks: from the first selected column's chunk
+            end = (cols[i] // chunk) * chunk + span
+        else:
+            end = cols[i] + span
+        j = int(np.searchsorted(cols, end, side="left"))
+        yield cols[i:j]
+        i = j
+
+
+def _kernel_cols(T: int) -> int:
+    """Columns per kernel call so that its buffers stay within ``_KERNEL_BYTES`` (≈ 40 B per step).
+
+    Odd-ish multiples of 8: a power-of-two row stride makes the transposing copy thrash the cache.
+    """
+    cols = int(max(16, min(4096, _KERNEL_BYTES // (40 * T))))
+    return cols - cols % 8 + 8 if cols % 16 == 0 else cols
+
+
+def _delta_slice(
+    x: np.ndarray, max_lag: int, detrend: Detrend, dtype: Any, workers: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One kernel call on x (k, T), time last, any strides."""
+    ftype = _fft_dtype(x, dtype)
+    if not (x.flags.c_contiguous or x.flags.f_contiguous):
+        x = np.ascontiguousarray(x.T).T  # a slice of a (T, N) block: copy its row segments first
+    c = _prepare(x, detrend, ftype)  # (k, T) C-contiguous, de-meaned
+    return _delta_last(c, max_lag, ftype, workers)
+
+
+def _delta_time_last(
+    x: np.ndarray, max_lag: int, detrend: Detrend, dtype: Any, threads: int = _THREADS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Δ (rows) and censored for x (N, T), time last (a transposed view of a (T, N) block is fine),
+    in slices of columns on ``threads`` threads (numpy and pocketfft release the GIL)."""
+    N = x.shape[0]
+    k = _kernel_cols(x.shape[1])
+    starts = list(range(0, N, k))
+    d = np.empty(N)
+    c = np.empty(N, dtype=bool)
+
+    def one(s: int) -> None:
+        d[s : s + k], c[s : s + k] = _delta_slice(x[s : s + k], max_lag, detrend, dtype, 1)
+
+    if threads > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(one, starts))
+    else:
+        for s in starts:
+            one(s)
+    return d, c
+
+
+def _delta_rows(x: np.ndarray, max_lag: int, detrend: Detrend, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The apply_ufunc kernel: (..., T) with time last → Δ (...,) in rows and censored (...,)."""
+    flat = x.reshape(-1, x.shape[-1])
+    d, c = _delta_time_last(flat, max_lag, detrend, dtype, threads=1)
+    return d.reshape(x.shape[:-1]), c.reshape(x.shape[:-1])
+
+
+def delta_per_weight(
+    ds_or_path: xr.Dataset | str | os.PathLike[str],
+    params: Sequence[str] | str | None = None,
+    *,
+    window: tuple[float, float] = (0.0, 1.0),
+    max_lag: int | None = None,
+    detrend: Detrend = "none",
+    dtype: Any = None,
+    progress: bool = True,
+    max_block_bytes: int = _BLOCK_BYTES,
+) -> xr.Dataset:
+    """Δ of every selected weight: a Dataset over ``weight`` with ``delta`` (optimizer steps, float64),
+    ``delta_over_T``, ``censored`` (bool) and the store's coords (param, index, initial, final).
+
+    ``window`` is a fraction of the recorded rows, e.g. (0.5, 1.0) for the second half; ``max_lag``
+    is in recorded rows (default: half the window). Censored weights carry Δ = max_lag (a lower bound),
+    NaN means undefined (a constant window); see ``decorrelation_time``. ``dtype`` is the FFT precision
+    (default float32 for the float32 store). ``progress`` shows a tqdm bar on the numpy path.
+    """
+    if detrend not in DETRENDS:
+        raise CorrtoolsError(f"detrend={detrend!r} is not one of {', '.join(map(repr, DETRENDS))}; pick one of those.")
+    ds = _open(ds_or_path)
+    cols = _select_columns(ds, params)
+    rows = _window_rows(ds.sizes["step"], window)
+    T_rows = rows.stop - rows.start
+    T_eff = T_rows - 1 if detrend == "diff" else T_rows
+    if T_eff < 3:
+        raise CorrtoolsError(
+            f"the window has {T_rows} recorded steps, too few for detrend={detrend!r}; widen the window."
+        )
+    lag = _check_max_lag(max_lag, T_eff)
+    values = ds["values"].isel(step=rows, weight=cols)
+    if values.chunks is not None:
+        d_rows, cens = _delta_dask(values, lag, detrend, dtype)
+    else:
+        d_rows, cens = _delta_numpy(ds, cols, rows, lag, detrend, dtype, progress, max_block_bytes)
+    every = _every(ds)
+    out = xr.Dataset(
+        {
+            "delta": ("weight", d_rows * every, {"units": "optimizer steps"}),
+            "delta_over_T": ("weight", d_rows / T_rows),
+            "censored": ("weight", cens),
+        },
+        coords={k: ("weight", np.asarray(ds[k].values)[cols]) for k in ("param", "index", "initial", "final")},
+        attrs={
+            "T": T_rows,
+            "every": every,
+            "max_lag": lag,
+            "max_lag_steps": lag * every,
+            "window": [float(window[0]), float(window[1])],
+            "step_first": int(ds["step"].values[rows.start]),
+            "step_last": int(ds["step"].values[rows.stop - 1]),
+            "detrend": detrend,
+        },
+    )
+    return out
+
+
+def _iter_columns(
+    ds: xr.Dataset, cols: np.ndarray, rows: slice, progress: bool, max_block_bytes: int, desc: str
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset into cols, x (T, k) float32) for consecutive blocks of the selected columns."""
+    from tqdm.auto import tqdm
+
+    T = rows.stop - rows.start
+    done = 0
+    values = ds["values"]
+    with tqdm(total=cols.size, unit="weight", disable=not progress, desc=desc) as bar:
+        for block in _blocks(cols, _weight_chunk(ds), T, max_block_bytes):
+            lo, hi = int(block[0]), int(block[-1]) + 1
+            raw = values[rows, lo:hi].values  # (T, hi - lo) float32, one read of whole chunks
+            yield done, (raw[:, block - lo] if block.size != hi - lo else raw)
+            done += block.size
+            bar.update(block.size)
+            del raw
+
+
+def _delta_numpy(
+    ds: xr.Dataset, cols: np.ndarray, rows: slice, lag: int, detrend: Detrend, dtype: Any,
+    progress: bool, max_block_bytes: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    d = np.empty(cols.size)
+    c = np.empty(cols.size, dtype=bool)
+    for off, x in _iter_columns(ds, cols, rows, progress, max_block_bytes, "delta"):
+        d[off : off + x.shape[1]], c[off : off + x.shape[1]] = _delta_time_last(x.T, lag, detrend, dtype)
+        del x  # before the next block is read: one block in memory at a time
+    return d, c
+
+
+def _delta_dask(values: xr.DataArray, lag: int, detrend: Detrend, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The dask path: Δ per weight through xr.apply_ufunc, step in one chunk."""
+    values = values.chunk({"step": -1})
+    d, c = xr.apply_ufunc(
+        _delta_rows,
+        values,
+        input_core_dims=[["step"]],
+        output_core_dims=[[], []],
+        kwargs={"max_lag": lag, "detrend": detrend, "dtype": dtype},
+        dask="parallelized",
+        output_dtypes=[np.float64, np.bool_],
+    )
+    both = xr.Dataset({"d": d, "c": c}).compute()  # one graph: the kernel runs once per chunk
+    return np.asarray(both["d"].values), np.asarray(both["c"].values)
+
+
+def summarize_by_magnitude(
+    per_weight: xr.Dataset,
+    *,
+    bins: int = 10,
+    binning: Binning = "quantile",
+    ci: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Per-weight Δ (from ``delta_per_weight``) → medians per bin of final |w|, one set of bins per
+    parameter: a Dataset with dims (param, bin); see ``delta_by_magnitude`` for its variables."""
+    names = np.asarray(per_weight["param"].values).astype(str)
+    params = list(dict.fromkeys(names.tolist()))
+    T = int(per_weight.attrs["T"])
+    B = int(bins)
+    shape = (len(params), B)
+    res: dict[str, np.ndarray] = {
+        "edge_low": np.full(shape, np.nan),
+        "edge_high": np.full(shape, np.nan),
+        "magnitude": np.full(shape, np.nan),
+        "n_weights": np.zeros(shape, dtype=np.int64),
+        "undefined": np.zeros(shape, dtype=np.int64),
+        "median_delta": np.full(shape, np.nan),
+        "ci_low": np.full(shape, np.nan),
+        "ci_high": np.full(shape, np.nan),
+        "censored_fraction": np.full(shape, np.nan),
+        "median_censored": np.zeros(shape, dtype=bool),
+        "magnitude_quantile": np.full((len(params), _QUANTILES.size), np.nan),
+    }
+    delta = np.asarray(per_weight["delta"].values)
+    censored = np.asarray(per_weight["censored"].values)
+    mag = np.abs(np.asarray(per_weight["final"].values, dtype=np.float64))
+    for i, p in enumerate(params):
+        sel = names == p
+        edges = bin_edges(mag[sel], B, binning)
+        idx = assign_bins(mag[sel], edges)
+        stats = binned_median(delta[sel], censored[sel], idx, B, ci=ci, n_boot=n_boot, seed=seed + i)
+        res["edge_low"][i], res["edge_high"][i] = edges[:-1], edges[1:]
+        finite = mag[sel][np.isfinite(mag[sel])]
+        res["magnitude_quantile"][i] = np.quantile(finite, _QUANTILES)
+        for k in range(B):
+            in_bin = mag[sel][idx == k]
+            if in_bin.size:
+                res["magnitude"][i, k] = float(np.median(in_bin))
+        res["n_weights"][i] = stats.count
+        res["undefined"][i] = stats.undefined
+        res["median_delta"][i] = stats.median
+        res["ci_low"][i], res["ci_high"][i] = stats.ci_low, stats.ci_high
+        res["censored_fraction"][i] = stats.censored_fraction
+        res["median_censored"][i] = stats.median_censored
+    units = {"units": "optimizer steps"}
+    data = {
+        "edge_low": (("param", "bin"), res["edge_low"], {"long_name": "lower edge of final |w|"}),
+        "edge_high": (("param", "bin"), res["edge_high"], {"long_name": "upper edge of final |w|"}),
+        "magnitude": (("param", "bin"), res["magnitude"], {"long_name": "median final |w| in the bin"}),
+        "n_weights": (("param", "bin"), res["n_weights"]),
+        "undefined": (("param", "bin"), res["undefined"]),
+        "median_delta": (("param", "bin"), res["median_delta"], units),
+        "ci_low": (("param", "bin"), res["ci_low"], units),
+        "ci_high": (("param", "bin"), res["ci_high"], units),
+        "censored_fraction": (("param", "bin"), res["censored_fraction"]),
+        "median_censored": (("param", "bin"), res["median_censored"]),
+        "magnitude_quantile": (
+            ("param", "quantile"), res["magnitude_quantile"], {"long_name": "quantiles of final |w|"}
+        ),
+    }
+    out = xr.Dataset(data, coords={"param": params, "bin": np.arange(B), "quantile": _QUANTILES})
+    scale = 1.0 / (T * int(per_weight.attrs.get("every", 1)))
+    for name in ("median_delta", "ci_low", "ci_high"):
+        short = name.replace("median_delta", "median")
+        out[f"{short}_over_T"] = out[name] * scale
+    out.attrs = {**per_weight.attrs, "bins": B, "binning": binning, "ci": ci, "n_boot": n_boot, "seed": seed}
+    return out
+
+
+def delta_by_magnitude(
+    ds_or_path: xr.Dataset | str | os.PathLike[str],
+    params: Sequence[str] | str | None = None,
+    bins: int = 10,
+    binning: Binning = "quantile",
+    window: tuple[float, float] = (0.0, 1.0),
+    max_lag: int | None = None,
+    detrend: Detrend = "none",
+    ci: float = 0.95,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    dtype: Any = None,
+    progress: bool = True,
+    max_block_bytes: int = _BLOCK_BYTES,
+) -> xr.Dataset:
+    """Median Δ per bin of final |w|, per parameter (the paper's Figure 1 as numbers).
+
+    Returns a Dataset with dims (param, bin): ``edge_low``/``edge_high`` (bin edges of final |w|),
+    ``magnitude`` (median |w| in the bin), ``n_weights`` (the count), ``undefined`` (Δ = NaN, left out),
+    ``median_delta`` with its bootstrap interval ``ci_low``/``ci_high`` (optimizer steps), the same
+    divided by T as ``median_over_T``/``ci_low_over_T``/``ci_high_over_T``, ``censored_fraction`` and
+    ``median_censored`` (≥ half censored: the median is then max_lag, a lower bound), and
+    ``magnitude_quantile`` (param, quantile): quantiles of final |w| in steps of 0.5 %. Attrs record T,
+    window, max_lag, detrend, binning. For per-weight Δ use ``delta_per_weight``; this function is
+    ``summarize_by_magnitude(delta_per_weight(...))``.
+    """
+    per_weight = delta_per_weight(
+        ds_or_path, params, window=window, max_lag=max_lag, detrend=detrend, dtype=dtype,
+        progress=progress, max_block_bytes=max_block_bytes,
+    )
+    return summarize_by_magnitude(per_weight, bins=bins, binning=binning, ci=ci, n_boot=n_boot, seed=seed)
+
+
+def rho_by_magnitude(
+    ds_or_path: xr.Dataset | str | os.PathLike[str],
+    params: Sequence[str] | str | None = None,
+    *,
+    bins: int = 5,
+    binning: Binning = "quantile",
+    window: tuple[float, float] = (0.0, 1.0),
+    max_lag: int | None = None,
+    n_lags: int = 48,
+    detrend: Detrend = "none",
+    progress: bool = True,
+    max_block_bytes: int = _BLOCK_BYTES,
+) -> xr.Dataset:
+    """ρ(τ) per bin of final |w|: median and quartiles over the bin's weights at ~``n_lags``
+    log-spaced lags 1..max_lag (recorded rows; default half the window).
+
+    Returns a Dataset with dims (param, bin, lag): ``rho_median``, ``rho_q25``, ``rho_q75`` (NaN-aware),
+    ``n_weights`` (param, bin), ``edge_low``/``edge_high`` (param, bin), coords ``lag`` (rows) and ``lag_steps``.
+    """
+    if detrend not in DETRENDS:
+        raise CorrtoolsError(f"detrend={detrend!r} is not one of {', '.join(map(repr, DETRENDS))}; pick one of those.")
+    ds = _open(ds_or_path)
+    cols = _select_columns(ds, params)
+    rows = _window_rows(ds.sizes["step"], window)
+    T_rows = rows.stop - rows.start
+    T_eff = T_rows - 1 if detrend == "diff" else T_rows
+    if T_eff < 3:
+        raise CorrtoolsError(f"the window has {T_rows} recorded steps, too few for detrend={detrend!r}; widen the window.")
+    lag = _check_max_lag(max_lag, T_eff)
+    lags = np.unique(np.round(np.geomspace(1, lag, max(2, int(n_lags)))).astype(np.int64))
+    rho = np.empty((lags.size, cols.size), dtype=np.float32)
+    for off, x in _iter_columns(ds, cols, rows, progress, max_block_bytes, "rho"):
+        k = _kernel_cols(T_rows)
+        for s in range(0, x.shape[1], k):
+            sub = np.ascontiguousarray(x[:, s : s + k])
+            rho[:, off + s : off + s + sub.shape[1]] = lagged_pearson(sub, lags, detrend=detrend)
+        del x, sub  # before the next block is read
+    names = np.asarray(ds["param"].values).astype(str)[cols]
+    mag = np.abs(np.asarray(ds["final"].values, dtype=np.float64)[cols])
+    pnames = list(dict.fromkeys(names.tolist()))
+    B = int(bins)
+    stats = np.full((3, len(pnames), B, lags.size), np.nan)
+    count = np.zeros((len(pnames), B), dtype=np.int64)
+    edges = np.full((len(pnames), B + 1), np.nan)
+    for i, p in enumerate(pnames):
+        sel = names == p
+        edges[i] = bin_edges(mag[sel], B, binning)
+        idx = assign_bins(mag[sel], edges[i])
+        r = rho[:, sel]
+        for b in range(B):
+            in_bin = r[:, idx == b]
+            count[i, b] = in_bin.shape[1]
+            if in_bin.shape[1] and np.isfinite(in_bin).any():
+                with warnings.catch_warnings():  # an all-NaN lag in a bin: NaN is the answer
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    stats[:, i, b] = np.nanpercentile(in_bin, [50, 25, 75], axis=1)
+    every = _every(ds)
+    dims = ("param", "bin", "lag")
+    return xr.Dataset(
+        {
+            "rho_median": (dims, stats[0]),
+            "rho_q25": (dims, stats[1]),
+            "rho_q75": (dims, stats[2]),
+            "n_weights": (("param", "bin"), count),
+            "edge_low": (("param", "bin"), edges[:, :-1]),
+            "edge_high": (("param", "bin"), edges[:, 1:]),
+        },
+        coords={"param": pnames, "bin": np.arange(B), "lag": lags, "lag_steps": ("lag", lags * every)},
+        attrs={"T": T_rows, "every": every, "max_lag": lag, "window": [float(window[0]), float(window[1])],
+               "detrend": detrend, "binning": binning},
+    )
+
+
+def save_delta(path: str | os.PathLike[str], res: xr.Dataset, name: str = "delta") -> None:
+    """Write a result of ``delta_by_magnitude`` (or ``delta_per_weight``) into the run store as the
+    group ``name`` (default ``delta``)."""
+    from corrtools.record.store import write_group
+
+    out = res.copy()
+    for k, v in list(out.variables.items()):  # variable-length strings: Zarr v3 has a spec for those
+        if v.dtype.kind == "U":
+            out[k] = v.astype(object)
+    out.attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in res.attrs.items()}
+    write_group(path, name, out)
+
+
+def load_delta(path: str | os.PathLike[str], name: str = "delta") -> xr.Dataset:
+    """Read back a result written by ``save_delta``."""
+    from corrtools.record.store import read_group
+
+    return read_group(path, name)

@@ -1,0 +1,481 @@
+"""The Recorder: streams sampled per-weight trajectories of a PyTorch run into a run store.
+
+Per recorded step the sampled values of all parameters are gathered with ``index_select`` into one
+row of a preallocated host block (on CUDA: into one float32 device buffer, then one non-blocking
+copy into pinned host memory). Full blocks of ``chunk_steps`` rows go through a bounded queue to one
+background thread that writes them with `RunWriter.write_block`, so training waits on compression
+and disk only when the writer falls more than the queue behind. Memory is a fixed ring of blocks,
+independent of run length. Nothing is written per step.
+
+Steps. ``rec.step`` counts optimizer steps (1 after the first ``optimizer.step()``); a row is taken
+after every step that is a multiple of ``every``. ``initial`` holds the values at construction
+(step 0), ``final`` the values at ``close()``.
+
+Loss. ``rec.log(loss=x)`` attaches ``x`` to the most recent optimizer step (call it after
+``optimizer.step()``); ``rec.record(loss=x)`` counts a step and attaches ``x`` to it. The stored
+``loss`` (step,) float32 of a row taken at step s is the mean of the values logged for the steps
+(previous row's step, s], NaN when none were logged; with ``every=1`` it is simply the loss of step
+s. ``lr`` (step,) float64 is ``param_groups[0]["lr"]`` of the attached optimizer when the row is
+taken, i.e. the rate used by that step (schedulers usually step after the optimizer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from corrtools.errors import CorrtoolsError
+from corrtools.record.sampling import ParamFilter, SampleSpec, plan_samples
+from corrtools.record.store import PathLike, RunWriter, default_chunks, open_run
+
+__all__ = ["Recorder"]
+
+_BLOCK_BYTES = 16 << 20  # cap on one host block (chunk_steps x weights x 4 bytes)
+
+
+@dataclasses.dataclass(eq=False)
+class _Block:
+    """chunk_steps rows on the host, filled by the training thread, written by the writer thread."""
+
+    values: np.ndarray          # (chunk_steps, N) float32, pinned on CUDA
+    tensor: torch.Tensor        # the same memory as a tensor
+    steps: np.ndarray           # (chunk_steps,) int64
+    loss_sum: np.ndarray        # (chunk_steps,) float64
+    loss_n: np.ndarray          # (chunk_steps,) int64
+    lr: np.ndarray              # (chunk_steps,) float64
+    k: int = 0                  # rows filled
+    event: Any = None           # CUDA event after the last copy into this block
+
+    def reset(self) -> None:
+        self.k, self.event = 0, None
+        self.loss_sum[:] = 0.0
+        self.loss_n[:] = 0
+        self.lr[:] = np.nan
+
+
+@dataclasses.dataclass
+class _DeviceGroup:
+    """The columns [start, stop) whose parameters live on one device."""
+
+    device: torch.device
+    start: int
+    stop: int
+    entries: list[tuple[nn.Parameter, torch.Tensor, int, int]]  # (param, index, col start, col stop)
+    staging: torch.Tensor | None = None                           # (stop - start,) float32 on device
+
+
+def _gather(p: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
+    """out (k,) float32 <- p.flatten()[idx] (index_select on the flat view is ~3x faster than take)."""
+    flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
+    if p.dtype == torch.float32:
+        torch.index_select(flat, 0, idx, out=out)
+    else:
+        out.copy_(torch.index_select(flat, 0, idx))
+
+
+def _describe_params(params: ParamFilter) -> Any:
+    if params is None:
+        return "floating parameters with >= 2 dims"
+    if callable(params):
+        return f"predicate {getattr(params, '__qualname__', repr(params))}"
+    return list(params)
+
+
+class Recorder:
+    """Record sampled weights of ``model`` after optimizer steps into the run store at ``path``.
+
+    ``sample``: weights per parameter (int) or fraction of each parameter (float in (0, 1]), uniform
+    without replacement, reproducible from ``seed``. ``params``: None (floating parameters with >= 2
+    dims), a list of names, or a predicate ``(name, param) -> bool``. ``every``: take a row every
+    k-th step. ``resume=True`` continues an existing store after its last step (``start_step``
+    overrides the step counter, e.g. when restarting from a later checkpoint); ``overwrite=True``
+    replaces it. ``chunk_steps`` sets the rows per written block (default: ~4 MiB chunks, blocks of
+    at most 16 MiB). Use `attach` for loops with a torch optimizer, `record` otherwise.
+
+    >>> import torch, tempfile, os
+    >>> from corrtools import Recorder, open_run
+    >>> model = torch.nn.Linear(8, 4)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.zarr")
+    >>> with Recorder(model, path, sample=16).attach(opt) as rec:
+    ...     for _ in range(5):
+    ...         loss = model(torch.randn(2, 8)).square().mean()
+    ...         loss.backward(); opt.step(); opt.zero_grad()
+    ...         rec.log(loss=loss.item())
+    >>> ds = open_run(path)
+    >>> ds["values"].shape, ds["step"].values.tolist(), ds.attrs["status"]
+    ((5, 16), [1, 2, 3, 4, 5], 'complete')
+    """
+
+    _stage_on_cpu = False  # tests set it to run the device-buffer path on CPU
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: PathLike,
+        sample: SampleSpec = 4096,
+        every: int = 1,
+        params: ParamFilter = None,
+        seed: int = 0,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        start_step: int | None = None,
+        chunk_steps: int | None = None,
+        queue_blocks: int = 2,
+        compressor: str = "lz4",
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise CorrtoolsError(f"every={every!r} must be a positive int (record every k-th step)")
+        if resume and overwrite:
+            raise CorrtoolsError("resume=True and overwrite=True exclude each other; pass one of them")
+        if queue_blocks < 1:
+            raise CorrtoolsError(f"queue_blocks={queue_blocks} must be at least 1")
+        self.path = Path(path)
+        self.every = every
+        self.model = model
+        self.plan = plan_samples(model, sample, params, seed)
+        self._groups = self._device_groups()
+        names, index = self.plan.columns()
+        self.n_weights = len(index)
+        if resume:
+            self.step = self._check_resumable(names, index, start_step)
+            self._writer = RunWriter.resume(self.path)
+            self._writer.update_attrs(resumed=[*self._writer.attrs.get("resumed", []), self.step])
+        else:
+            if start_step is not None:
+                raise CorrtoolsError("start_step is only used with resume=True; leave it out")
+            self.step = 0
+            if chunk_steps is None:
+                cs_default, _ = default_chunks(self.n_weights)
+                chunk_steps = min(cs_default, max(8, _BLOCK_BYTES // (4 * self.n_weights)))
+            attrs = {
+                "every": every,
+                "sample": sample.item() if isinstance(sample, np.generic) else sample,
+                "seed": int(seed),
+                "params": _describe_params(params),
+                "model": f"{type(model).__module__}.{type(model).__qualname__}",
+                "optimizer": None,
+                "torch_version": torch.__version__,
+                "step_meaning": "optimizer steps taken before the row (1 = after the first step)",
+                "loss_meaning": "mean of the losses logged for the steps since the previous row",
+                "notes": list(self.plan.notes),
+                "skipped_params": list(self.plan.skipped),
+            }
+            self._writer = RunWriter.create(
+                self.path, param=names, index=index, initial=self._gather_final(), attrs=attrs,
+                chunk_steps=chunk_steps, overwrite=overwrite, compressor=compressor,
+            )
+        self.chunk_steps = self._writer.chunk_steps
+        self._last_row_step = self._writer.last_step
+        self._pending_sum, self._pending_n = 0.0, 0
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._hook: Any = None
+        self._optimizer_attrs: dict[str, Any] | None = None
+        self._closed = False
+        self._error: BaseException | None = None
+        self._reported = False
+        self._loss_seen = False
+        cuda = any(g.device.type == "cuda" for g in self._groups)
+        self._free: queue.Queue[_Block] = queue.Queue()
+        for _ in range(queue_blocks + 2):  # one filling, `queue_blocks` queued, one being written
+            self._free.put(self._new_block(pin=cuda))
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=queue_blocks)
+        self._current: _Block | None = None
+        self._current_prev = self._last_row_step
+        self._thread = threading.Thread(target=self._write_loop, name=f"corrtools-writer:{self.path.name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------- public API
+    def attach(self, optimizer: torch.optim.Optimizer) -> Recorder:
+        """Record after every ``optimizer.step()`` (via ``register_step_post_hook``); returns self."""
+        self._raise_if_failed()
+        self._check_open()
+        if self._hook is not None:
+            raise CorrtoolsError("this Recorder is already attached to an optimizer; call rec.detach() first")
+        self._optimizer = optimizer
+        self._hook = optimizer.register_step_post_hook(self._on_step)
+        defaults = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, bool))}
+        attrs = {"optimizer": type(optimizer).__name__, "optimizer_defaults": defaults}
+        if attrs != self._optimizer_attrs:  # re-attaching the same optimizer writes nothing
+            self._optimizer_attrs = attrs
+            self._send("attrs", attrs)
+        return self
+
+    def detach(self) -> None:
+        """Stop recording from the optimizer; the store stays open for `record` or another `attach`."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._optimizer = None
+
+    def record(self, step: int | None = None, loss: float | torch.Tensor | None = None) -> None:
+        """Count one step (``step=None``: the next; or set the counter to ``step``) and take a row
+        if it is a multiple of ``every``; ``loss`` is attached to that step. For loops without an
+        attached optimizer."""
+        self._raise_if_failed()
+        self._check_open()
+        if self._hook is not None:
+            raise CorrtoolsError(
+                "this Recorder records after every optimizer.step() already; use rec.log(loss=...) "
+                "for the loss, or rec.detach() before recording by hand"
+            )
+        new = self.step + 1 if step is None else int(step)
+        if new <= self.step:
+            raise CorrtoolsError(
+                f"step {new} is not after the last counted step {self.step}; each step is recorded once"
+            )
+        self.step = new
+        if loss is not None:
+            self._pending_add(loss)
+        if new % self.every == 0:
+            self._take_row(new, lr=math.nan)
+
+    def log(self, loss: float | torch.Tensor, step: int | None = None) -> None:
+        """Attach a training ``loss`` to optimizer step ``step`` (default: the most recent step).
+        Call it after ``optimizer.step()``; see the module docstring for how rows combine losses."""
+        self._raise_if_failed()
+        self._check_open()
+        s = self.step if step is None else int(step)
+        cur = self._current
+        if cur is not None and cur.k and s <= cur.steps[cur.k - 1]:
+            first = int(np.searchsorted(cur.steps[: cur.k], s))  # the row covering step s
+            if first == 0 and s <= self._current_prev:
+                raise self._too_late(s)
+            cur.loss_sum[first] += float(loss)
+            cur.loss_n[first] += 1
+        elif s > self._last_row_step:
+            self._pending_add(loss)
+        else:
+            raise self._too_late(s)
+
+    @staticmethod
+    def _too_late(step: int) -> CorrtoolsError:
+        return CorrtoolsError(
+            f"loss for step {step} comes too late: its row is already written; log it right after "
+            "optimizer.step()"
+        )
+
+    def close(self) -> None:
+        """Flush all rows, write ``final``, mark the store "complete" and release it. Idempotent."""
+        self._shutdown(complete=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        # after an exception in the loop the rows so far are kept and the store stays "recording",
+        # so the run can be resumed; a writer error is then not raised over the original one
+        self._shutdown(complete=exc_type is None, raise_errors=exc_type is None)
+
+    # --------------------------------------------------------------------- the hot path
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._raise_if_failed()
+        self.step += 1
+        if self.step % self.every == 0:
+            lr = optimizer.param_groups[0].get("lr", math.nan)
+            self._take_row(self.step, lr=float(lr))
+
+    def _take_row(self, step: int, lr: float) -> None:
+        cur = self._current
+        if cur is not None and cur.k == self.chunk_steps:
+            # a full block is handed over only when the next row needs room, so that `log` can
+            # still reach the block's last row
+            self._submit(cur)
+            cur = None
+        if cur is None:
+            cur = self._current = self._get_free()
+            self._current_prev = self._last_row_step  # step of the row before this block
+        i = cur.k
+        row = cur.tensor[i]
+        with torch.no_grad():
+            for g in self._groups:
+                if g.staging is None:  # CPU: straight into the host row
+                    for p, idx, a, b in g.entries:
+                        _gather(p, idx, row[a:b])
+                else:
+                    base = g.start
+                    for p, idx, a, b in g.entries:
+                        _gather(p, idx, g.staging[a - base : b - base])
+                    row[g.start : g.stop].copy_(g.staging, non_blocking=True)
+        cur.steps[i] = step
+        cur.lr[i] = lr
+        cur.loss_sum[i] += self._pending_sum
+        cur.loss_n[i] += self._pending_n
+        self._pending_sum, self._pending_n = 0.0, 0
+        cur.k = i + 1
+        self._last_row_step = step
+
+    def _pending_add(self, loss: float | torch.Tensor) -> None:
+        self._pending_sum += float(loss)
+        self._pending_n += 1
+
+    # ------------------------------------------------------------------ block handling
+    def _new_block(self, pin: bool) -> _Block:
+        t = torch.empty((self.chunk_steps, self.n_weights), dtype=torch.float32, pin_memory=pin)
+        cs = self.chunk_steps
+        block = _Block(t.numpy(), t, np.zeros(cs, np.int64), np.zeros(cs), np.zeros(cs, np.int64), np.zeros(cs))
+        block.reset()
+        return block
+
+    def _get_free(self) -> _Block:
+        while True:
+            try:
+                return self._free.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():  # pragma: no cover - the writer catches everything
+                    raise RuntimeError(f"corrtools Recorder: the writer thread of {self.path} stopped") from self._error
+
+    def _submit(self, block: _Block) -> None:
+        if any(g.device.type == "cuda" for g in self._groups):
+            block.event = torch.cuda.Event()
+            block.event.record()
+        self._send("block", block)
+        self._current = None
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._queue.put((kind, payload))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            kind, payload = item
+            try:
+                if self._error is not None:
+                    continue  # after a failure, drain without writing
+                if kind == "attrs":
+                    self._writer.update_attrs(**payload)
+                else:
+                    self._write_block(payload)
+            except BaseException as err:  # surfaced by the training thread at its next call
+                self._error = err
+            finally:
+                if kind == "block":
+                    payload.reset()
+                    self._free.put(payload)
+                self._queue.task_done()
+
+    def _wait_writer(self) -> None:
+        """Block until every block handed to the writer is written (the block being filled stays in
+        memory); used by benchmarks to charge writing to the steps that caused it."""
+        self._queue.join()
+        self._raise_if_failed()
+
+    def _write_block(self, block: _Block) -> None:
+        if block.event is not None:
+            block.event.synchronize()
+        k = block.k
+        optional: dict[str, np.ndarray] = {}
+        if not np.isnan(block.lr[:k]).all():
+            optional["lr"] = block.lr[:k].copy()
+        n = block.loss_n[:k]
+        if self._loss_seen or n.any():
+            self._loss_seen = True
+            with np.errstate(invalid="ignore", divide="ignore"):
+                optional["loss"] = np.where(n > 0, block.loss_sum[:k] / np.maximum(n, 1), np.nan).astype(np.float32)
+        self._writer.write_block(block.steps[:k], block.values[:k], optional)
+
+    # ------------------------------------------------------------------------ lifecycle
+    def _shutdown(self, complete: bool, raise_errors: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.detach()
+        if self._current is not None and self._current.k:
+            self._submit(self._current)
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None or not complete:
+            self._writer.abandon()
+            if self._error is not None and raise_errors and not self._reported:
+                self._reported = True
+                raise RuntimeError(f"corrtools Recorder: writing {self.path} failed: {self._error!r}") from self._error
+            return
+        self._writer.close(self._gather_final(), total_steps=self.step)
+
+    def _raise_if_failed(self) -> None:
+        err = self._error
+        if err is not None and not self._reported:
+            self._reported = True
+            self.detach()
+            raise RuntimeError(f"corrtools Recorder: writing {self.path} failed: {err!r}") from err
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CorrtoolsError(f"the Recorder of {str(self.path)!r} is closed; open a new one with resume=True")
+
+    # ---------------------------------------------------------------------------- setup
+    def _gather_final(self) -> np.ndarray:
+        """(N,) float32 values of every sampled weight now, synchronously."""
+        out = np.empty(self.n_weights, np.float32)
+        with torch.no_grad():
+            for g in self._groups:
+                for p, idx, a, b in g.entries:
+                    out[a:b] = torch.take(p, idx).float().cpu().numpy()
+        return out
+
+    def _device_groups(self) -> list[_DeviceGroup]:
+        by_name = dict(self.model.named_parameters())
+        devices: list[torch.device] = []
+        for s in self.plan.samples:
+            d = by_name[s.name].device
+            if d not in devices:
+                devices.append(d)
+        if len(devices) > 1:  # columns of one device must be contiguous: group them
+            order = sorted(self.plan.samples, key=lambda s: devices.index(by_name[s.name].device))
+            self.plan = dataclasses.replace(self.plan, samples=tuple(order))
+        groups: list[_DeviceGroup] = []
+        col = 0
+        for d in devices:
+            entries = []
+            start = col
+            for s in self.plan.samples:
+                p = by_name[s.name]
+                if p.device != d:
+                    continue
+                idx = torch.as_tensor(s.index, dtype=torch.int64, device=d)
+                entries.append((p, idx, col, col + len(s.index)))
+                col += len(s.index)
+            stage = d.type != "cpu" or self._stage_on_cpu
+            staging = torch.empty(col - start, dtype=torch.float32, device=d) if stage else None
+            groups.append(_DeviceGroup(d, start, col, entries, staging))
+        return groups
+
+    def _check_resumable(self, names: Sequence[str], index: np.ndarray, start_step: int | None) -> int:
+        ds = open_run(self.path)
+        same = list(ds["param"].values) == list(names) and np.array_equal(ds["index"].values, index)
+        if not same:
+            raise CorrtoolsError(
+                f"{str(self.path)!r} was recorded with other weights (different model, params, sample "
+                "or seed); resume with the settings it was created with, or record into a new path"
+            )
+        if ds.attrs.get("every") != self.every:
+            raise CorrtoolsError(
+                f"{str(self.path)!r} was recorded with every={ds.attrs.get('every')}; resume with that value"
+            )
+        last = int(ds["step"].values[-1]) if ds.sizes["step"] else 0
+        counted = max(last, int(ds.attrs.get("total_steps") or 0))
+        if start_step is None:
+            return counted
+        if start_step < last:
+            raise CorrtoolsError(
+                f"start_step={start_step} is before the last recorded step {last}; steps would be "
+                f"recorded twice, pass start_step >= {last}"
+            )
+        return int(start_step)

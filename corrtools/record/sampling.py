@@ -1,0 +1,126 @@
+"""Which weights a Recorder follows: the parameters chosen and, inside each, a uniform sample.
+
+Sampling is per parameter, without replacement, reproducible from ``seed``: each parameter draws
+from its own generator seeded by ``(seed, crc32(name))``, so adding or removing a parameter never
+changes the sample of another. Indices are flat (row-major, as ``param.flatten()[index]``) and
+sorted; columns are grouped by parameter in ``model.named_parameters()`` order.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from corrtools.errors import CorrtoolsError, close_matches
+
+__all__ = ["ParamSample", "SamplePlan", "plan_samples", "select_params", "sample_indices"]
+
+ParamFilter = None | Sequence[str] | Callable[[str, torch.Tensor], bool]
+SampleSpec = int | float
+
+
+@dataclass(frozen=True)
+class ParamSample:
+    """The sampled weights of one parameter: ``index`` (k,) sorted flat indices into its ``numel``."""
+
+    name: str
+    numel: int
+    index: np.ndarray = field(repr=False)
+
+    @property
+    def whole(self) -> bool:
+        return len(self.index) == self.numel
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """All sampled parameters in column order, plus notes for the store's attrs."""
+
+    samples: tuple[ParamSample, ...]
+    skipped: tuple[str, ...] = ()   # parameters left out because they are not floating point
+    notes: tuple[str, ...] = ()     # e.g. "sample 4096 >= numel 128 of 'x': recorded all 128"
+
+    @property
+    def n_weights(self) -> int:
+        return sum(len(s.index) for s in self.samples)
+
+    def columns(self) -> tuple[list[str], np.ndarray]:
+        """(param (N,) names, index (N,) int64) of every column."""
+        names = [s.name for s in self.samples for _ in range(len(s.index))]
+        index = np.concatenate([s.index for s in self.samples]) if self.samples else np.zeros(0, np.int64)
+        return names, index.astype(np.int64)
+
+
+def _check_sample(sample: SampleSpec) -> None:
+    if isinstance(sample, bool) or not isinstance(sample, (int, float, np.integer, np.floating)):
+        raise CorrtoolsError(f"sample={sample!r} must be an int (weights per parameter) or a float in (0, 1]")
+    if isinstance(sample, (int, np.integer)):
+        if sample < 1:
+            raise CorrtoolsError(f"sample={sample} must be at least 1 weight per parameter")
+    elif not 0.0 < float(sample) <= 1.0:
+        raise CorrtoolsError(f"sample={sample} as a fraction must be in (0, 1]; pass an int for a count")
+
+
+def sample_indices(numel: int, sample: SampleSpec, seed: int, name: str) -> np.ndarray:
+    """Sorted flat indices (k,) int64 of a uniform sample without replacement from ``range(numel)``:
+    ``k = min(sample, numel)`` for an int, ``max(1, round(sample * numel))`` for a float."""
+    _check_sample(sample)
+    if isinstance(sample, (int, np.integer)):
+        k = min(int(sample), numel)
+    else:
+        k = min(numel, max(1, round(float(sample) * numel)))
+    if k == numel:
+        return np.arange(numel, dtype=np.int64)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())])
+    return np.sort(rng.choice(numel, size=k, replace=False)).astype(np.int64)
+
+
+def select_params(model: nn.Module, params: ParamFilter = None) -> tuple[list[tuple[str, nn.Parameter]], list[str]]:
+    """The parameters to record and the names skipped as non-floating.
+
+    ``params``: None (every floating parameter with >= 2 dims: weight matrices and conv kernels), a
+    list of names (each must exist), or a predicate ``(name, param) -> bool``.
+    """
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.dim() >= 2]
+    elif callable(params):
+        chosen = [(n, p) for n, p in named if params(n, p)]
+    else:
+        if isinstance(params, str):
+            raise CorrtoolsError(f"params={params!r} is a string; pass a list of names, e.g. [{params!r}]")
+        by_name = dict(named)
+        for name in params:
+            if name not in by_name:
+                raise CorrtoolsError(
+                    f"model has no parameter {name!r}{close_matches(name, by_name)}; pass names from "
+                    "model.named_parameters()"
+                )
+        wanted = set(params)
+        chosen = [(n, p) for n, p in named if n in wanted]  # model order, duplicates dropped
+    kept = [(n, p) for n, p in chosen if p.is_floating_point()]
+    skipped = [n for n, p in chosen if not p.is_floating_point()]
+    if not kept:
+        raise CorrtoolsError(
+            "no floating-point parameter matches params=" + repr(params) + "; pass names or a predicate "
+            "that selects at least one floating parameter"
+        )
+    return kept, skipped
+
+
+def plan_samples(model: nn.Module, sample: SampleSpec = 4096, params: ParamFilter = None, seed: int = 0) -> SamplePlan:
+    """Choose the parameters and sample each (see the module docstring)."""
+    _check_sample(sample)
+    kept, skipped = select_params(model, params)
+    samples, notes = [], []
+    for name, p in kept:
+        index = sample_indices(p.numel(), sample, seed, name)
+        if isinstance(sample, (int, np.integer)) and sample > p.numel():
+            notes.append(f"sample {int(sample)} > numel {p.numel()} of {name!r}: recorded all {p.numel()}")
+        samples.append(ParamSample(name, p.numel(), index))
+    notes += [f"{n!r} is not floating point: skipped" for n in skipped]
+    return SamplePlan(tuple(samples), tuple(skipped), tuple(notes))

@@ -1,0 +1,680 @@
+"""The run store, format 1: the only module that knows the Zarr layout.
+
+A run store is a Zarr v3 group (see DESIGN.md, "The run store, format 1")::
+
+    attrs   corrtools_format = 1, status = "recording" | "complete", every, sample, seed, created,
+            model, optimizer, torch_version, total_steps (once complete), ...
+    step    (step,)          int64    optimizer step after which the row was taken (fill -1)
+    values  (step, weight)   float32  the sampled weights' values, chunked (chunk_steps, chunk_weights)
+    param   (weight,)        str      parameter name of each column
+    index   (weight,)        int64    flat index inside that parameter
+    initial (weight,)        float32  value before the first step
+    final   (weight,)        float32  value when the run closed (NaN while recording)
+    optional arrays with a leading `step` dimension, e.g. loss (step,), lr (step,), mask (step, weight)
+    subgroups for results, e.g. `delta/` (see `write_group`)
+
+Durability. Rows are committed one block at a time, and the length of `step` is the commit record:
+a block's chunks (of `values`, the optional arrays, then `step`) are written first, through a handle
+that already knows the larger shape, then the metadata of the other arrays grows, and the metadata of
+`step` grows last. zarr's local store writes every file to a temporary name and renames it, so a
+process killed at any moment (SIGKILL) leaves every array readable and `step` never claims a row
+whose chunks are not on disk. Other arrays may be longer than `step` after such a kill; readers
+(`open_run`) take the first ``len(step)`` rows and `RunWriter.resume` trims them. Durability against
+power loss (fsync) is not attempted.
+
+A lock file ``step/writer.lock`` inside the store (where Zarr never lists), held with ``flock`` while a `RunWriter` is open,
+refuses a second writer; the kernel releases it when the writing process dies, so a killed run can
+be resumed without manual cleanup.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from xarray.backends import BackendArray
+from xarray.core import indexing
+
+from corrtools.errors import CorrtoolsError, close_matches
+
+__all__ = [
+    "FORMAT",
+    "RunWriter",
+    "default_chunks",
+    "open_run",
+    "read_group",
+    "run_info",
+    "write_group",
+]
+
+FORMAT = 1
+STEP, WEIGHT = "step", "weight"
+_CORE = ("step", "values", "param", "index", "initial", "final")
+_LOCK_PATH = ("step", "writer.lock")  # inside an array's folder, where Zarr readers never list
+_TARGET_CHUNK_BYTES = 4 << 20  # ~4 MiB of float32 per `values` chunk before compression
+_MAX_CHUNK_WEIGHTS = 16384
+_FILL = {"f": np.nan, "b": False, "i": -1, "u": 0}
+
+PathLike = str | os.PathLike[str]
+
+
+# --------------------------------------------------------------------------------------- chunking
+def default_chunks(n_weights: int, itemsize: int = 4) -> tuple[int, int]:
+    """(chunk_steps, chunk_weights) for `values`: ~4 MiB per chunk, the weights split evenly into
+    chunks of at most 16384 (no mostly-empty edge chunk), between 16 and 1024 steps tall."""
+    n_weights = max(1, int(n_weights))
+    n_chunks = -(-n_weights // _MAX_CHUNK_WEIGHTS)
+    chunk_weights = -(-n_weights // n_chunks)
+    chunk_steps = _TARGET_CHUNK_BYTES // (itemsize * chunk_weights)
+    return int(min(max(chunk_steps, 16), 1024)), chunk_weights
+
+
+def _compressor(name: str) -> Any:
+    """The `values` codec. Measured on 41 x 100k float32 weights of the CharLM workload (see
+    notes/recorder.md): blosc lz4 + bitshuffle stores 0.85 of the raw size (lz4 + byte shuffle
+    0.89, zstd-1 ~0.9, none 1.0) at the lowest CPU cost per block, since on this machine writing
+    the bytes costs the kernel about as much CPU as compressing them."""
+    if name == "lz4":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=4)
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=1)
+    if name == "none":
+        return None
+    raise CorrtoolsError(f"compressor {name!r} is unknown; use 'lz4', 'zstd' or 'none'")
+
+
+# -------------------------------------------------------------------------------------- opening
+def _not_a_store(path: Path) -> CorrtoolsError:
+    if not path.exists():
+        return CorrtoolsError(
+            f"no run store at {str(path)!r}; pass the path of a store written by corrtools.Recorder "
+            "(or make one with `corrtools demo`)"
+        )
+    return CorrtoolsError(
+        f"{str(path)!r} is not a corrtools run store (no Zarr v3 group with a 'corrtools_format' "
+        "attribute); pass the path of a store written by corrtools.Recorder"
+    )
+
+
+def _open_group(path: PathLike, mode: str = "r") -> zarr.Group:
+    p = Path(path)
+    if not (p / "zarr.json").is_file():
+        raise _not_a_store(p)
+    try:
+        group = zarr.open_group(str(p), mode=mode, zarr_format=3)
+    except Exception as err:  # malformed metadata, a Zarr v2 store, ...
+        raise _not_a_store(p) from err
+    fmt = group.attrs.get("corrtools_format")
+    if fmt is None:
+        raise _not_a_store(p)
+    if fmt != FORMAT:
+        raise CorrtoolsError(
+            f"{str(p)!r} has corrtools_format {fmt!r} but this corrtools reads format {FORMAT}; "
+            "upgrade corrtools"
+        )
+    return group
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    try:
+        node = group[name]
+    except KeyError:
+        node = None
+    if not isinstance(node, zarr.Array):
+        raise CorrtoolsError(
+            f"run store {str(group.store_path)!r} has no array {name!r}; it is damaged or not a "
+            "corrtools run store, record it again"
+        )
+    return node
+
+
+def _step_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
+    """Every array whose first dimension is `step`, except `step` itself, by name."""
+    out = {}
+    for name, node in group.arrays():
+        dims = node.metadata.dimension_names or ()
+        if name != STEP and dims and dims[0] == STEP:
+            out[name] = node
+    return out
+
+
+class _LazyRows(BackendArray):
+    """The first `n` rows of a zarr array, lazily indexed by xarray (outer indexing, numpy-backed)."""
+
+    def __init__(self, array: zarr.Array, n: int):
+        self._array = array
+        self.shape = (n, *array.shape[1:])
+        self.dtype = array.dtype
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.OUTER, self._raw_getitem
+        )
+
+    def _raw_getitem(self, key: tuple) -> np.ndarray:
+        # slices are bounded by our shape, not by the (possibly longer) zarr array
+        key = tuple(slice(*k.indices(s)) if isinstance(k, slice) else k for k, s in zip(key, self.shape))
+        return np.asarray(self._array.oindex[key])
+
+
+def _dask_rows(array: zarr.Array, n: int, dims: Sequence[str], chunks: Any) -> Any:
+    import dask.array as da
+
+    native = tuple(array.chunks)
+    shape = (n, *array.shape[1:])
+    if chunks == "auto":
+        spec: Any = "auto"
+    elif isinstance(chunks, Mapping):
+        unknown = set(chunks) - set(dims)
+        if unknown:
+            raise CorrtoolsError(
+                f"chunks names unknown dimension(s) {sorted(unknown)}; use 'step' and 'weight'"
+            )
+        spec = tuple(chunks.get(d, c) for d, c in zip(dims, native))
+    else:
+        raise CorrtoolsError(f"chunks={chunks!r} is not understood; use None, 'auto' or a dict like {{'weight': 4096}}")
+    norm = da.core.normalize_chunks(spec, shape=shape, dtype=array.dtype, previous_chunks=native)
+    if n == array.shape[0]:
+        return da.from_array(array, chunks=norm, lock=False, asarray=True)
+    return da.from_array(array, chunks=native, lock=False, asarray=True)[:n].rechunk(norm)
+
+
+def _strings(values: Any) -> np.ndarray:
+    return np.asarray([str(v) for v in np.asarray(values).tolist()], dtype=str)
+
+
+def open_run(path: PathLike, chunks: None | str | Mapping[str, int] = None) -> xr.Dataset:
+    """Open a run store as an `xarray.Dataset` with dims (step, weight).
+
+    Data variable ``values`` (step, weight) float32; coords ``step`` (step,) int64, ``param``,
+    ``index``, ``initial``, ``final`` (weight,); optional ``loss``/``lr``/... (step,); attrs from the
+    store plus ``steps_written``. Only rows committed to disk are shown (see the module docstring).
+
+    ``chunks=None`` gives lazily indexed numpy-backed arrays (no dask); ``"auto"``, ``{}`` (native
+    chunks) or a dict such as ``{"weight": 4096}`` give dask arrays.
+    """
+    group = _open_group(path)
+    step_arr = _array(group, STEP)
+    n = int(step_arr.shape[0])
+    steps = np.asarray(step_arr[:], dtype=np.int64)
+    weight_coords = {
+        "param": _strings(_array(group, "param")[:]),
+        "index": np.asarray(_array(group, "index")[:], dtype=np.int64),
+        "initial": np.asarray(_array(group, "initial")[:], dtype=np.float32),
+        "final": np.asarray(_array(group, "final")[:], dtype=np.float32),
+    }
+    data_vars: dict[Hashable, xr.Variable] = {}
+    arrays = _step_arrays(group)
+    for name in sorted(arrays, key=lambda k: (k != "values", k)):
+        arr = arrays[name]
+        dims = tuple(arr.metadata.dimension_names)
+        if arr.shape[0] < n:
+            raise CorrtoolsError(
+                f"array {name!r} in {str(path)!r} has {arr.shape[0]} rows but `step` has {n}; "
+                "the store is damaged, record it again"
+            )
+        if arr.ndim == 1:
+            data = np.asarray(arr[:n])
+        elif chunks is None:
+            data = indexing.LazilyIndexedArray(_LazyRows(arr, n))
+        else:
+            data = _dask_rows(arr, n, dims, chunks)
+        var = xr.Variable(dims, data, attrs=dict(arr.attrs))
+        var.encoding = {"chunks": tuple(arr.chunks), "preferred_chunks": dict(zip(dims, arr.chunks))}
+        data_vars[name] = var
+    coords = {STEP: (STEP, steps), **{k: (WEIGHT, v) for k, v in weight_coords.items()}}
+    attrs = dict(group.attrs)
+    attrs["steps_written"] = n
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+# ------------------------------------------------------------------------------------ the lock
+class _Lock:
+    """An exclusive ``flock`` on ``<store>/recording.lock``, released by the kernel if we die."""
+
+    def __init__(self, store: Path):
+        self.path = store.joinpath(*_LOCK_PATH)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: an exclusive create is the best we have
+            try:
+                self._fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
+            except FileExistsError:
+                raise self._busy(self.path.read_text(errors="replace")) from None
+            os.write(self._fd, self._who())
+            return
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                raise self._busy(holder) from None
+            # the previous holder may have unlinked the file between our open and our flock
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, self._who())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def holder(self) -> str | None:
+        """Who holds the lock now ("pid N since T"), or None when no live writer holds it."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover
+            return self.path.read_text(errors="replace") if self.path.exists() else None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    @staticmethod
+    def _who() -> bytes:
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        return f"pid {os.getpid()} since {now}".encode()
+
+    def _busy(self, holder: str) -> CorrtoolsError:
+        holder = holder.strip() or "another process"
+        return CorrtoolsError(
+            f"run store {str(self.path.parent.parent)!r} is being recorded by {holder}; close that recorder "
+            "first or record into another path"
+        )
+
+
+# ------------------------------------------------------------------------------------- writing
+def _grown(array: zarr.Array, rows: int) -> zarr.Array:
+    """A handle on the same array whose in-memory shape has `rows` rows; writing through it stores
+    chunks without touching the array's metadata on disk."""
+    meta = array.metadata.update_shape((rows, *array.shape[1:]))
+    return zarr.Array(zarr.AsyncArray(meta, array.store_path, array.config))
+
+
+def _fill_for(dtype: np.dtype) -> Any:
+    return _FILL.get(np.dtype(dtype).kind, 0)
+
+
+class RunWriter:
+    """Appends rows to a run store in blocks; holds the store's lock while open.
+
+    Create with `RunWriter.create` or `RunWriter.resume`; write with `write_block`; finish with
+    `close` (status "complete") or `abandon` (leaves status "recording", e.g. after an error).
+    Not thread-safe: use it from one thread at a time.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, lock: _Lock):
+        self.path = path
+        self._group = group
+        self._lock = lock
+        self._step = _array(group, STEP)
+        self._values = _array(group, "values")
+        self._extra = _step_arrays(group)
+        self._extra.pop("values")
+        self.n_weights = int(self._values.shape[1])
+        self.n_steps = int(self._step.shape[0])
+        self.last_step = int(self._step[self.n_steps - 1]) if self.n_steps else -1
+        self.chunk_steps, self.chunk_weights = (int(c) for c in self._values.chunks)
+
+    # -------------------------------------------------------------------------- construction
+    @classmethod
+    def create(
+        cls,
+        path: PathLike,
+        param: Sequence[str],
+        index: np.ndarray,
+        initial: np.ndarray,
+        attrs: Mapping[str, Any] | None = None,
+        chunk_steps: int | None = None,
+        chunk_weights: int | None = None,
+        overwrite: bool = False,
+        compressor: str = "lz4",
+    ) -> RunWriter:
+        """Create a store with N weight columns: `param` (N,) names, `index` (N,) int64 flat
+        indices, `initial` (N,) float32 values; status "recording". `attrs` must be JSON-able."""
+        p = Path(path)
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        initial = np.asarray(initial, dtype=np.float32).reshape(-1)
+        n = len(index)
+        if len(param) != n or len(initial) != n or n == 0:
+            raise CorrtoolsError(
+                f"param, index and initial must have the same non-zero length, got {len(param)}, "
+                f"{len(index)}, {len(initial)}; pass one entry per recorded weight"
+            )
+        cs_default, cw_default = default_chunks(n)
+        cs = int(chunk_steps or cs_default)
+        cw = int(min(chunk_weights or cw_default, n))
+        if cs < 1 or cw < 1:
+            raise CorrtoolsError(f"chunk_steps={cs} and chunk_weights={cw} must be positive integers")
+        if p.exists():
+            if not overwrite:
+                raise CorrtoolsError(
+                    f"{str(p)!r} already exists; pass overwrite=True to replace it or resume=True to "
+                    "continue it"
+                )
+            _remove_store(p)
+        p.joinpath(*_LOCK_PATH[:-1]).mkdir(parents=True, exist_ok=False)
+        lock = _Lock(p)
+        lock.acquire()
+        try:
+            base = {
+                "corrtools_format": FORMAT,
+                "status": "recording",
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            user = _jsonable(dict(attrs or {}))
+            group = zarr.create_group(str(p), zarr_format=3, attributes={**user, **base})
+            comp = _compressor(compressor)
+            group.create_array(
+                STEP, shape=(0,), chunks=(cs,), dtype="int64", fill_value=-1,
+                dimension_names=(STEP,), compressors=None,
+            )
+            group.create_array(
+                "values", shape=(0, n), chunks=(cs, cw), dtype="float32", fill_value=np.nan,
+                dimension_names=(STEP, WEIGHT), compressors=comp,
+                attributes={"coordinates": "param index initial final"},
+            )
+            for name, data, dtype, fill in (
+                ("param", None, str, ""),
+                ("index", index, "int64", -1),
+                ("initial", initial, "float32", np.nan),
+                ("final", None, "float32", np.nan),
+            ):
+                arr = group.create_array(
+                    name, shape=(n,), chunks=(min(n, 1 << 20),), dtype=dtype, fill_value=fill,
+                    dimension_names=(WEIGHT,),
+                )
+                if name == "param":
+                    arr[:] = np.asarray([str(s) for s in param], dtype=object)
+                elif data is not None:
+                    arr[:] = data
+        except BaseException:
+            lock.release()
+            raise
+        return cls(p, group, lock)
+
+    @classmethod
+    def resume(cls, path: PathLike) -> RunWriter:
+        """Reopen a store to append after its last committed step; status becomes "recording",
+        `final` and `total_steps` are cleared, rows beyond the commit (from a killed run) dropped."""
+        p = Path(path)
+        group = _open_group(p, mode="r+")
+        lock = _Lock(p)
+        lock.acquire()
+        try:
+            n = int(_array(group, STEP).shape[0])
+            for arr in [_array(group, "values"), *_step_arrays(group).values()]:
+                if arr.shape[0] > n:
+                    arr.resize((n, *arr.shape[1:]))
+            for leftover in p.rglob("*.partial"):  # temporaries of writes cut short by a kill
+                leftover.unlink(missing_ok=True)
+            final = _array(group, "final")
+            final[:] = np.full(final.shape, np.nan, dtype=np.float32)
+            attrs = dict(group.attrs)
+            attrs.pop("total_steps", None)
+            attrs["status"] = "recording"
+            group.attrs.put(attrs)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(p, group, lock)
+
+    # ------------------------------------------------------------------------------- writing
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._group.attrs)
+
+    def update_attrs(self, **attrs: Any) -> None:
+        """Merge JSON-able `attrs` into the store's attrs (one metadata write)."""
+        self._check_open()
+        self._group.attrs.update(_jsonable(attrs))
+
+    def write_block(
+        self,
+        steps: np.ndarray,
+        values: np.ndarray,
+        optional: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Append k rows: `steps` (k,) int64, strictly increasing and after `last_step`; `values`
+        (k, N) float32; `optional` maps a name to (k,) or (k, N) data (e.g. ``{"loss": ...}``),
+        creating the array on first use (earlier rows are NaN / False / -1). Optional arrays not
+        given get fill values for these rows. Committed atomically (see the module docstring)."""
+        self._check_open()
+        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        k = len(steps)
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (k, self.n_weights):
+            raise CorrtoolsError(
+                f"values has shape {values.shape} but {k} steps of {self.n_weights} weights were "
+                f"expected; pass a ({k}, {self.n_weights}) array"
+            )
+        if k == 0:
+            return
+        if steps[0] <= self.last_step or (k > 1 and np.any(np.diff(steps) <= 0)):
+            raise CorrtoolsError(
+                f"steps {steps[:3].tolist()}... do not strictly increase after the last recorded step "
+                f"{self.last_step}; each step may be recorded once, in order"
+            )
+        optional = dict(optional or {})
+        for name, data in list(optional.items()):
+            optional[name] = self._check_optional(name, data, k)
+        n0, n1 = self.n_steps, self.n_steps + k
+        # 1. chunks of every step-indexed array, then `step`'s own chunks, metadata untouched
+        _grown(self._values, n1)[n0:n1] = values
+        for name, arr in self._extra.items():
+            data = optional.get(name)
+            if data is None:
+                data = np.full((k, *arr.shape[1:]), _fill_for(arr.dtype), dtype=arr.dtype)
+            _grown(arr, n1)[n0:n1] = data
+        _grown(self._step, n1)[n0:n1] = steps
+        # 2. grow metadata; `step` last: its length is the commit record
+        for arr in [self._values, *self._extra.values()]:
+            arr.resize((n1, *arr.shape[1:]))
+        self._step.resize((n1,))
+        self.n_steps, self.last_step = n1, int(steps[-1])
+
+    def write_optional(self, name: str, data: np.ndarray) -> None:
+        """Write a whole optional array over the rows written so far: (n_steps,) or (n_steps, N),
+        e.g. a RESET interval `z` decided after the fact. Replaces an existing array of that name."""
+        self._check_open()
+        data = self._check_optional(name, data, self.n_steps)
+        self._extra[name][:] = data
+
+    def _check_optional(self, name: str, data: Any, k: int) -> np.ndarray:
+        if name in _CORE:
+            raise CorrtoolsError(f"optional array name {name!r} is reserved; choose another name")
+        data = np.asarray(data)
+        if data.dtype.kind == "f":
+            data = data.astype(np.float64 if data.dtype == np.float64 else np.float32, copy=False)
+        elif data.dtype.kind in "iu":
+            data = data.astype(np.int64, copy=False)
+        elif data.dtype.kind != "b":
+            raise CorrtoolsError(f"optional array {name!r} has dtype {data.dtype}; use float, int or bool")
+        if data.shape not in ((k,), (k, self.n_weights)):
+            raise CorrtoolsError(
+                f"optional array {name!r} has shape {data.shape}; pass ({k},) or ({k}, {self.n_weights})"
+            )
+        arr = self._extra.get(name)
+        if arr is None:
+            self._create_optional(name, data, rows=self.n_steps)
+        elif arr.ndim != data.ndim:
+            raise CorrtoolsError(
+                f"optional array {name!r} was recorded with {arr.ndim} dimension(s) but got {data.ndim}; "
+                "keep its shape the same for every block"
+            )
+        return data.astype(self._extra[name].dtype, copy=False)
+
+    def _create_optional(self, name: str, data: np.ndarray, rows: int) -> zarr.Array:
+        if data.ndim == 1:
+            shape, chunks, dims = (rows,), (max(self.chunk_steps, 1024),), (STEP,)
+        else:
+            shape, chunks, dims = (rows, self.n_weights), (self.chunk_steps, self.chunk_weights), (STEP, WEIGHT)
+        arr = self._group.create_array(
+            name, shape=shape, chunks=chunks, dtype=data.dtype, fill_value=_fill_for(data.dtype),
+            dimension_names=dims, overwrite=True,
+        )
+        self._extra[name] = arr
+        return arr
+
+    # ------------------------------------------------------------------------------- closing
+    def close(self, final: np.ndarray, total_steps: int) -> None:
+        """Write `final` (N,) float32, set status "complete" and `total_steps` (optimizer steps the
+        run took, recorded or not), release the lock."""
+        self._check_open()
+        final = np.asarray(final, dtype=np.float32).reshape(-1)
+        if final.shape != (self.n_weights,):
+            raise CorrtoolsError(f"final has {final.size} values; pass one per recorded weight ({self.n_weights})")
+        try:
+            _array(self._group, "final")[:] = final
+            self._group.attrs.update({"status": "complete", "total_steps": int(total_steps)})
+        finally:
+            self._lock.release()
+
+    def abandon(self) -> None:
+        """Release the lock without completing: the store stays "recording" and can be resumed."""
+        self._lock.release()
+
+    @property
+    def closed(self) -> bool:
+        return not self._lock.held
+
+    def _check_open(self) -> None:
+        if not self._lock.held:
+            raise CorrtoolsError(f"the writer of {str(self.path)!r} is closed; resume it to write more")
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abandon()
+
+
+def _remove_store(p: Path) -> None:
+    import shutil
+
+    if p.is_dir() and not (p / "zarr.json").exists() and any(p.iterdir()):
+        raise CorrtoolsError(
+            f"{str(p)!r} is a non-empty directory that is not a Zarr store; refusing to overwrite it, "
+            "choose another path"
+        )
+    holder = _Lock(p).holder()
+    if holder is not None:
+        raise _Lock(p)._busy(holder)
+    if p.is_dir():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
+
+
+def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Attrs as JSON values (numpy scalars converted); a clear error for anything else."""
+    out = {}
+    for key, val in attrs.items():
+        if isinstance(val, np.generic):
+            val = val.item()
+        try:
+            json.dumps(val, allow_nan=True)
+        except TypeError:
+            raise CorrtoolsError(
+                f"attribute {key!r} = {val!r} is not JSON-serialisable; pass str, numbers, lists or dicts"
+            ) from None
+        out[str(key)] = val
+    return out
+
+
+# ------------------------------------------------------------------------------ result groups
+def write_group(path: PathLike, name: str, ds: xr.Dataset, overwrite: bool = True) -> None:
+    """Write a result `ds` (e.g. Δ per weight) as the subgroup `name` of the run store at `path`."""
+    group = _open_group(path, mode="r+")
+    if name in _CORE or name in _step_arrays(group) or not name or "/" in name:
+        raise CorrtoolsError(f"result group name {name!r} is reserved or invalid; choose another name")
+    if name in group and not overwrite:
+        raise CorrtoolsError(f"{str(path)!r} already has a group {name!r}; pass overwrite=True to replace it")
+    ds.to_zarr(str(path), group=name, mode="w", zarr_format=3, consolidated=False)
+
+
+def read_group(path: PathLike, name: str) -> xr.Dataset:
+    """Read the result subgroup `name` of the run store at `path`, loaded into memory."""
+    group = _open_group(path)
+    groups = [g for g, _ in group.groups()]
+    if name not in groups:
+        hint = close_matches(name, groups) or (f" (it has {groups})" if groups else " (it has none)")
+        raise CorrtoolsError(f"run store {str(path)!r} has no result group {name!r}{hint}; compute it first")
+    with xr.open_zarr(str(path), group=name, consolidated=False, zarr_format=3, chunks=None) as ds:
+        return ds.load()
+
+
+# ------------------------------------------------------------------------------------- info
+def _du(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name != _LOCK_PATH[-1])
+
+
+def run_info(path: PathLike) -> dict[str, Any]:
+    """A summary of a run store (what `corrtools info` prints): status, steps, parameters, chunking,
+    size on disk (bytes), arrays, result groups, attrs."""
+    p = Path(path)
+    group = _open_group(p)
+    step_arr = _array(group, STEP)
+    values = _array(group, "values")
+    n = int(step_arr.shape[0])
+    first = int(step_arr[0]) if n else None
+    last = int(step_arr[n - 1]) if n else None
+    names = _strings(_array(group, "param")[:])
+    params: dict[str, int] = {}
+    for name in names.tolist():
+        params[name] = params.get(name, 0) + 1
+    attrs = dict(group.attrs)
+    comp = values.metadata.codecs
+    return {
+        "path": str(p),
+        "status": attrs.get("status"),
+        "format": attrs.get("corrtools_format"),
+        "steps_written": n,
+        "step_first": first,
+        "step_last": last,
+        "total_steps": attrs.get("total_steps"),
+        "n_weights": int(values.shape[1]),
+        "params": params,
+        "chunks": {"step": int(values.chunks[0]), "weight": int(values.chunks[1])},
+        "codecs": [c.to_dict().get("name") for c in comp],
+        "optional": sorted(_step_arrays(group).keys() - {"values"}),
+        "groups": sorted(g for g, _ in group.groups()),
+        "size_bytes": _du(p),
+        "writer": _Lock(p).holder(),
+        "attrs": attrs,
+    }

@@ -1,0 +1,372 @@
+"""The Recorder: values against an independent copy of the weights, steps, loss/lr, reliability."""
+from __future__ import annotations
+
+import argparse
+import doctest
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+import corrtools.record.recorder as recorder_mod
+from corrtools import Recorder, open_run
+from corrtools.commands import info as info_cmd
+from corrtools.errors import CorrtoolsError
+from corrtools.record.store import RunWriter, run_info
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class _Net(nn.Module):
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 12).to(dtype)
+        self.fc2 = nn.Linear(12, 3).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _train(model, opt, steps, rec=None, sched=None, seed=0):
+    """Train and return {step: {name: tensor copy}} and the losses, both after each step."""
+    gen = torch.Generator().manual_seed(seed)
+    copies, losses = {0: _snapshot(model)}, {}
+    for _ in range(steps):
+        x = torch.randn(4, 6, generator=gen)
+        loss = model(x.to(model.fc1.weight.dtype)).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        step = len(copies)
+        if rec is not None:
+            rec.log(loss=loss.item())
+        if sched is not None:
+            sched.step()
+        copies[step] = _snapshot(model)
+        losses[step] = loss.item()
+    return copies, losses
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _expected_row(ds, copy) -> np.ndarray:
+    return np.array([copy[n].flatten()[i].float().item() for n, i in zip(ds["param"].values, ds["index"].values)],
+                    dtype=np.float32)
+
+
+def _info_text(path) -> str:
+    parser = argparse.ArgumentParser()
+    info_cmd.add_parser(parser.add_subparsers())
+    return info_cmd.format_info(run_info(parser.parse_args(["info", str(path)]).path))
+
+
+def test_docstring_example_runs():
+    result = doctest.testmod(recorder_mod, raise_on_error=True)
+    assert result.attempted >= 6
+
+
+def test_values_equal_an_independent_copy_of_the_weights(tmp_path):
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    with Recorder(model, tmp_path / "r.zarr", sample=20, every=2, chunk_steps=3).attach(opt) as rec:
+        copies, losses = _train(model, opt, 17, rec, sched)
+    ds = open_run(tmp_path / "r.zarr")
+    np.testing.assert_array_equal(ds["step"].values, np.arange(2, 18, 2))
+    assert ds["values"].shape == (8, 40) and ds["values"].dtype == np.float32
+    for r, s in enumerate(ds["step"].values):
+        np.testing.assert_array_equal(ds["values"].values[r], _expected_row(ds, copies[s]))
+    np.testing.assert_array_equal(ds["initial"].values, _expected_row(ds, copies[0]))
+    np.testing.assert_array_equal(ds["final"].values, _expected_row(ds, copies[17]))
+    # loss of a row: mean of the losses of the steps since the previous row
+    expect_loss = [np.float32((losses[s - 1] + losses[s]) / 2) for s in ds["step"].values]
+    np.testing.assert_allclose(ds["loss"].values, expect_loss, rtol=1e-6)
+    # lr: the rate used by that step (StepLR halves after every 4 steps)
+    np.testing.assert_allclose(ds["lr"].values, [1e-2 * 0.5 ** ((s - 1) // 4) for s in ds["step"].values])
+    assert ds.attrs["status"] == "complete" and ds.attrs["total_steps"] == 17
+    assert ds.attrs["every"] == 2 and ds.attrs["sample"] == 20 and ds.attrs["optimizer"] == "AdamW"
+    assert ds.attrs["torch_version"] == torch.__version__
+    assert set(ds["param"].values) == {"fc1.weight", "fc2.weight"}
+
+
+def test_with_the_builtin_workload(tmp_path):
+    from corrtools.workloads import CharLMConfig, CharLMWorkload
+
+    wl = CharLMWorkload(CharLMConfig(d_model=16, n_layer=1, n_head=2, seq_len=8, batch_size=2, steps=6,
+                                     text_bytes=20_000))
+    with Recorder(wl.model, tmp_path / "w.zarr", sample=100, seed=1).attach(wl.optimizer) as rec:
+        for _ in range(6):
+            rec.log(loss=wl.train_step())  # train_step returns after optimizer.step()
+    ds = open_run(tmp_path / "w.zarr")
+    assert ds.sizes["step"] == 6 and not np.isnan(ds["loss"].values).any()
+    params = dict(wl.model.named_parameters())
+    np.testing.assert_array_equal(
+        ds["final"].values,
+        [params[n].detach().flatten()[i].item() for n, i in zip(ds["param"].values, ds["index"].values)],
+    )
+    np.testing.assert_array_equal(ds["values"].values[-1], ds["final"].values)
+
+
+def test_manual_record_and_loss_rules(tmp_path):
+    model = _Net()
+    rec = Recorder(model, tmp_path / "m.zarr", sample=5, every=2, chunk_steps=2)
+    rec.record(loss=1.0)          # step 1: not a row; loss pending
+    rec.record(loss=3.0)          # step 2: row, loss mean(1, 3)
+    rec.log(loss=5.0)             # after step 2: joins row 2 -> mean(1, 3, 5)
+    rec.record(step=6)            # steps 3..5 skipped: a visible gap
+    rec.log(loss=7.0, step=5)     # before row 6: belongs to it
+    with pytest.raises(CorrtoolsError, match="not after the last counted step 6"):
+        rec.record(step=6)
+    rec.record()                  # step 7
+    rec.record(step=8)
+    rec.record(step=10)           # rows 2 (block 1), 6, 8 (block 2 handed over), 10
+    with pytest.raises(CorrtoolsError, match="too late"):
+        rec.log(loss=1.0, step=4)
+    with pytest.raises(CorrtoolsError, match="already"):
+        rec.attach(torch.optim.SGD(model.parameters(), lr=0.1)).record()
+    rec.detach()
+    rec.close()
+    rec.close()  # idempotent
+    ds = open_run(tmp_path / "m.zarr")
+    np.testing.assert_array_equal(ds["step"].values, [2, 6, 8, 10])
+    np.testing.assert_array_equal(ds["loss"].values, [3.0, 7.0, np.nan, np.nan])
+    assert "lr" not in ds or np.isnan(ds["lr"].values).all()
+    assert ds.attrs["total_steps"] == 10
+    with pytest.raises(CorrtoolsError, match="closed"):
+        rec.record()
+
+
+def test_nan_inf_half_precision_and_skipped_params(tmp_path):
+    model = _Net(dtype=torch.bfloat16)
+    model.fc1.weight.data[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    model.half_extra = nn.Parameter(torch.randn(3, 3, dtype=torch.float16))
+    model.counts = nn.Parameter(torch.arange(9).reshape(3, 3), requires_grad=False)
+    names = ["fc1.weight", "half_extra", "counts"]
+    with Recorder(model, tmp_path / "h.zarr", sample=1000, params=names) as rec:
+        for _ in range(3):
+            with torch.no_grad():
+                model.half_extra.add_(0.125)
+            rec.record()
+    ds = open_run(tmp_path / "h.zarr")
+    assert ds["values"].dtype == np.float32
+    assert set(ds["param"].values) == {"fc1.weight", "half_extra"}
+    assert ds.attrs["skipped_params"] == ["counts"]
+    assert any("counts" in n for n in ds.attrs["notes"])
+    assert any("sample 1000 > numel 72 of 'fc1.weight'" in n for n in ds.attrs["notes"])
+    row = ds["values"].values[-1]
+    np.testing.assert_array_equal(row, _expected_row(ds, _snapshot(model)))  # bf16/fp16 widened exactly
+    first = np.nonzero(ds["param"].values == "fc1.weight")[0][:3]
+    assert np.isnan(row[first[0]]) and row[first[1]] == np.inf and row[first[2]] == -np.inf
+
+
+def test_unknown_param_is_an_error_naming_close_matches(tmp_path):
+    with pytest.raises(CorrtoolsError, match=r"'fc1.wieght'.*did you mean 'fc1.weight'"):
+        Recorder(_Net(), tmp_path / "x.zarr", params=["fc1.wieght"])
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_existing_store_needs_resume_or_overwrite(tmp_path):
+    p = tmp_path / "r.zarr"
+    Recorder(_Net(), p, sample=4).close()
+    with pytest.raises(CorrtoolsError, match="already exists.*overwrite=True.*resume=True"):
+        Recorder(_Net(), p, sample=4)
+    Recorder(_Net(), p, sample=4, overwrite=True).close()
+    with pytest.raises(CorrtoolsError, match="exclude"):
+        Recorder(_Net(), p, resume=True, overwrite=True)
+
+
+def test_second_recorder_is_refused_while_recording(tmp_path):
+    p = tmp_path / "r.zarr"
+    model = _Net()
+    first = Recorder(model, p, sample=4)
+    with pytest.raises(CorrtoolsError, match="being recorded by pid"):
+        Recorder(model, p, sample=4, resume=True)
+    with pytest.raises(CorrtoolsError, match="being recorded"):
+        Recorder(model, p, sample=4, overwrite=True)
+    assert "being written by pid" in _info_text(p)
+    first.record()
+    first.close()
+    Recorder(model, p, sample=4, resume=True).close()
+
+
+def test_resume_continues_without_duplicates(tmp_path):
+    p = tmp_path / "r.zarr"
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Recorder(model, p, sample=10, chunk_steps=4).attach(opt) as rec:
+        copies, _ = _train(model, opt, 6, rec)
+    with pytest.raises(CorrtoolsError, match="other weights"):
+        Recorder(model, p, sample=11, resume=True)
+    with pytest.raises(CorrtoolsError, match="every=1"):
+        Recorder(model, p, sample=10, every=2, resume=True)
+    with pytest.raises(CorrtoolsError, match="start_step=3 is before"):
+        Recorder(model, p, sample=10, resume=True, start_step=3)
+    with Recorder(model, p, sample=10, resume=True).attach(opt) as rec:
+        assert rec.step == 6
+        more, _ = _train(model, opt, 5, rec, seed=1)
+    ds = open_run(p)
+    np.testing.assert_array_equal(ds["step"].values, np.arange(1, 12))
+    for r, s in enumerate(ds["step"].values):
+        copy = copies[s] if s <= 6 else more[s - 6]
+        np.testing.assert_array_equal(ds["values"].values[r], _expected_row(ds, copy))
+    np.testing.assert_array_equal(ds["initial"].values, _expected_row(ds, copies[0]))
+    np.testing.assert_array_equal(ds["final"].values, _expected_row(ds, more[5]))
+    assert ds.attrs["resumed"] == [6] and ds.attrs["total_steps"] == 11
+
+
+_KILLED = textwrap.dedent(
+    """
+    import sys, torch
+    from corrtools import Recorder
+    torch.manual_seed(0)
+    model = torch.nn.Linear(50, 40)
+    base = model.weight.detach().clone()
+    rec = Recorder(model, sys.argv[1], sample=500, chunk_steps=4)
+    step = 0
+    while True:
+        step += 1
+        with torch.no_grad():
+            model.weight.copy_(base + step)  # a known value at every step
+        rec.record()
+        if step == 9:
+            print("ready", flush=True)
+    """
+)
+
+
+def test_sigkill_mid_recording_leaves_an_openable_resumable_store(tmp_path):
+    p = tmp_path / "k.zarr"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(p)], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    ds = open_run(p)
+    n = ds.sizes["step"]
+    assert n >= 8 and n % 4 == 0  # whole blocks only
+    np.testing.assert_array_equal(ds["step"].values, np.arange(1, n + 1))
+    torch.manual_seed(0)
+    model = nn.Linear(50, 40)
+    base = model.weight.detach().clone()
+    base_cols = base.flatten()[torch.as_tensor(ds["index"].values)].numpy()
+    np.testing.assert_array_equal(ds["values"].values, base_cols + np.arange(1, n + 1, dtype=np.float32)[:, None])
+    text = _info_text(p)
+    assert "status      recording (no writer" in text and f"steps       {n} recorded, steps 1..{n}" in text
+    # resume from a "checkpoint" later than the last written row: the gap stays visible
+    rec = Recorder(model, p, sample=500, resume=True, start_step=n + 3)
+    rec.record()
+    rec.close()
+    ds = open_run(p)
+    assert ds["step"].values[-2:].tolist() == [n, n + 4]
+
+
+def test_writer_errors_surface_at_the_next_call(tmp_path, monkeypatch):
+    def broken(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(RunWriter, "write_block", broken)
+    rec = Recorder(_Net(), tmp_path / "e.zarr", sample=4, chunk_steps=2)
+    with pytest.raises(RuntimeError, match="disk full"):
+        for _ in range(200):  # the first block goes to the writer at row 3
+            rec.record()
+            time.sleep(0.005)
+    rec.close()  # already reported: releases the store without marking it complete
+    monkeypatch.undo()
+    assert run_info(tmp_path / "e.zarr")["status"] == "recording"
+    rec2 = Recorder(_Net(), tmp_path / "e2.zarr", sample=4, chunk_steps=2)
+    monkeypatch.setattr(RunWriter, "write_block", broken)
+    rec2.record()
+    with pytest.raises(RuntimeError, match="disk full"):
+        rec2.close()  # the partial block fails on close: reported there
+
+
+def test_exception_in_the_loop_keeps_rows_and_leaves_store_resumable(tmp_path):
+    p = tmp_path / "x.zarr"
+    with pytest.raises(ZeroDivisionError):
+        with Recorder(_Net(), p, sample=4, chunk_steps=2) as rec:
+            for _ in range(3):
+                rec.record()
+            1 / 0
+    ds = open_run(p)
+    assert ds.sizes["step"] == 3 and ds.attrs["status"] == "recording"
+    Recorder(_Net(), p, sample=4, resume=True).close()
+    assert open_run(p).attrs["status"] == "complete"
+
+
+def test_memory_is_a_fixed_ring_of_blocks(tmp_path):
+    rec = Recorder(_Net(), tmp_path / "m.zarr", sample=4, chunk_steps=2, queue_blocks=1)
+    seen = set()
+    for _ in range(40):
+        rec.record()
+        seen.add(id(rec._current))
+    rec.close()
+    assert len(seen) <= 3
+
+
+def test_zarr_low_level_reads_the_recorded_store(tmp_path):
+    model = _Net()
+    with Recorder(model, tmp_path / "z.zarr", sample=7) as rec:
+        for _ in range(5):
+            rec.record()
+    values = zarr.open_array(str(tmp_path / "z.zarr" / "values"), mode="r")
+    assert values.metadata.zarr_format == 3 and values.shape == (5, 14)
+    assert tuple(values.metadata.dimension_names) == ("step", "weight")
+    np.testing.assert_array_equal(values[:], open_run(tmp_path / "z.zarr")["values"].values)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "z.zarr" / "step"), mode="r")[:], np.arange(1, 6))
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(CorrtoolsError, match="every"):
+        Recorder(_Net(), tmp_path / "a.zarr", every=0)
+    with pytest.raises(CorrtoolsError, match="start_step"):
+        Recorder(_Net(), tmp_path / "a.zarr", start_step=4)
+    assert math.isnan(float("nan"))
+
+
+def test_non_contiguous_parameters_use_logical_flat_order(tmp_path):
+    model = nn.Module()
+    model.w = nn.Parameter(torch.randn(6, 5).t())  # (5, 6), non-contiguous
+    assert not model.w.is_contiguous()
+    with Recorder(model, tmp_path / "t.zarr", sample=12) as rec:
+        rec.record()
+    ds = open_run(tmp_path / "t.zarr")
+    np.testing.assert_array_equal(ds["values"].values[0], model.w.detach().flatten()[ds["index"].values].numpy())
+
+
+def test_device_buffer_path_gives_the_same_values(tmp_path, monkeypatch):
+    """The CUDA path (gather into one device buffer, one copy to the host row) run on CPU."""
+    monkeypatch.setattr(Recorder, "_stage_on_cpu", True)
+    torch.manual_seed(0)
+    model = _Net(dtype=torch.float16)
+    model.extra = nn.Parameter(torch.randn(4, 4))  # float32 next to float16 columns
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Recorder(model, tmp_path / "s.zarr", sample=9, chunk_steps=2).attach(opt) as rec:
+        assert all(g.staging is not None for g in rec._groups)
+        copies, _ = _train(model, opt, 5, rec)
+    ds = open_run(tmp_path / "s.zarr")
+    for r, s in enumerate(ds["step"].values):
+        np.testing.assert_array_equal(ds["values"].values[r], _expected_row(ds, copies[s]))
+
+
+def test_attach_after_close_is_an_error(tmp_path):
+    model = _Net()
+    rec = Recorder(model, tmp_path / "c.zarr", sample=3)
+    rec.close()
+    with pytest.raises(CorrtoolsError, match="closed"):
+        rec.attach(torch.optim.SGD(model.parameters(), lr=0.1))
