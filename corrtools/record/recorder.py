@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -80,6 +81,15 @@ def _gather(p: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
         torch.index_select(flat, 0, idx, out=out)
     else:
         out.copy_(torch.index_select(flat, 0, idx))
+
+
+def _lower_priority(nice: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread), so that compression and
+    writing use the time training leaves idle and yield to it under contention. No-op elsewhere."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
+        pass
 
 
 def _describe_params(params: ParamFilter) -> Any:
@@ -350,6 +360,7 @@ class Recorder:
         self._queue.put((kind, payload))
 
     def _write_loop(self) -> None:
+        _lower_priority()
         while True:
             item = self._queue.get()
             if item is None:
