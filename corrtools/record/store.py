@@ -14,9 +14,9 @@ A run store is a Zarr v3 group (see DESIGN.md, "The run store, format 1")::
     subgroups for results, e.g. `delta/` (see `write_group`)
 
 Durability. Rows are committed one block at a time, and the length of `step` is the commit record:
-a block's chunks (of `values`, the optional arrays, then `step`) are written first, through a handle
-that already knows the larger shape, then the metadata of the other arrays grows, and the metadata of
-`step` grows last. zarr's local store writes every file to a temporary name and renames it, so a
+a block's chunks (of `values`, the optional arrays, then `step`) are written first, without touching
+any metadata (whole `values` chunks directly, the rest through a zarr handle that already knows the
+larger shape), then the metadata of the other arrays grows, and the metadata of `step` grows last. zarr's local store writes every file to a temporary name and renames it, so a
 process killed at any moment (SIGKILL) leaves every array readable and `step` never claims a row
 whose chunks are not on disk. Other arrays may be longer than `step` after such a kill; readers
 (`open_run`) take the first ``len(step)`` rows and `RunWriter.resume` trims them. Durability against
