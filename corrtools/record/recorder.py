@@ -152,6 +152,7 @@ class Recorder:
             raise CorrtoolsError(f"queue_blocks={queue_blocks} must be at least 1")
         self.path = Path(path)
         self.every = every
+        self._queue_blocks = queue_blocks
         self.model = model
         self.plan = plan_samples(model, sample, params, seed)
         self._groups = self._device_groups()
@@ -160,7 +161,6 @@ class Recorder:
         if resume:
             self.step = self._check_resumable(names, index, start_step)
             self._writer = RunWriter.resume(self.path)
-            self._writer.update_attrs(resumed=[*self._writer.attrs.get("resumed", []), self.step])
         else:
             if start_step is not None:
                 raise CorrtoolsError("start_step is only used with resume=True; leave it out")
@@ -185,6 +185,17 @@ class Recorder:
                 self.path, param=names, index=index, initial=self._gather_final(), attrs=attrs,
                 chunk_steps=chunk_steps, overwrite=overwrite, compressor=compressor,
             )
+        try:
+            if resume:
+                self._writer.update_attrs(resumed=[*self._writer.attrs.get("resumed", []), self.step])
+            self._start()
+        except BaseException:
+            self._writer.abandon()  # do not keep the store locked for a Recorder that never ran
+            raise
+
+    def _start(self) -> None:
+        """Buffers, queue and writer thread, once the store is open."""
+        queue_blocks = self._queue_blocks
         self.chunk_steps = self._writer.chunk_steps
         self._last_row_step = self._writer.last_step
         self._pending_sum, self._pending_n = 0.0, 0
