@@ -43,6 +43,7 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from corrtools.errors import CorrtoolsError, close_matches
+from corrtools.record._lock import WriterLock
 
 __all__ = [
     "FORMAT",
@@ -235,91 +236,11 @@ def open_run(path: PathLike, chunks: None | str | Mapping[str, int] = None) -> x
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-# ------------------------------------------------------------------------------------ the lock
-class _Lock:
-    """An exclusive ``flock`` on ``<store>/recording.lock``, released by the kernel if we die."""
-
-    def __init__(self, store: Path):
-        self.path = store.joinpath(*_LOCK_PATH)
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: an exclusive create is the best we have
-            try:
-                self._fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
-            except FileExistsError:
-                raise self._busy(self.path.read_text(errors="replace")) from None
-            os.write(self._fd, self._who())
-            return
-        while True:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.read(fd, 4096).decode(errors="replace")
-                os.close(fd)
-                raise self._busy(holder) from None
-            # the previous holder may have unlinked the file between our open and our flock
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, self._who())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)
-        finally:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-    def holder(self) -> str | None:
-        """Who holds the lock now ("pid N since T"), or None when no live writer holds it."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover
-            return self.path.read_text(errors="replace") if self.path.exists() else None
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return os.read(fd, 4096).decode(errors="replace").strip() or "another process"
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    @staticmethod
-    def _who() -> bytes:
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        return f"pid {os.getpid()} since {now}".encode()
-
-    def _busy(self, holder: str) -> CorrtoolsError:
-        holder = holder.strip() or "another process"
-        return CorrtoolsError(
-            f"run store {str(self.path.parent.parent)!r} is being recorded by {holder}; close that recorder "
-            "first or record into another path"
-        )
-
-
 # ------------------------------------------------------------------------------------- writing
+def _lock(store: Path) -> WriterLock:
+    return WriterLock(store.joinpath(*_LOCK_PATH), f"run store {str(store)!r}")
+
+
 def _grown(array: zarr.Array, rows: int) -> zarr.Array:
     """A handle on the same array whose in-memory shape has `rows` rows; writing through it stores
     chunks without touching the array's metadata on disk."""
@@ -397,7 +318,7 @@ class RunWriter:
     Not thread-safe: use it from one thread at a time.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, lock: _Lock):
+    def __init__(self, path: Path, group: zarr.Group, lock: WriterLock):
         self.path = path
         self._group = group
         self._lock = lock
@@ -449,7 +370,7 @@ class RunWriter:
                 )
             _remove_store(p)
         p.joinpath(*_LOCK_PATH[:-1]).mkdir(parents=True, exist_ok=False)
-        lock = _Lock(p)
+        lock = _lock(p)
         lock.acquire()
         try:
             base = {
@@ -494,7 +415,7 @@ class RunWriter:
         `final` and `total_steps` are cleared, rows beyond the commit (from a killed run) dropped."""
         p = Path(path)
         group = _open_group(p, mode="r+")
-        lock = _Lock(p)
+        lock = _lock(p)
         lock.acquire()
         try:
             n = int(_array(group, STEP).shape[0])
@@ -655,9 +576,9 @@ def _remove_store(p: Path) -> None:
             f"{str(p)!r} is a non-empty directory that is not a Zarr store; refusing to overwrite it, "
             "choose another path"
         )
-    holder = _Lock(p).holder()
+    holder = _lock(p).holder()
     if holder is not None:
-        raise _Lock(p)._busy(holder)
+        raise _lock(p).busy(holder)
     if p.is_dir():
         shutil.rmtree(p)
     else:
@@ -738,6 +659,6 @@ def run_info(path: PathLike) -> dict[str, Any]:
         "optional": sorted(_step_arrays(group).keys() - {"values"}),
         "groups": sorted(g for g, _ in group.groups()),
         "size_bytes": _du(p),
-        "writer": _Lock(p).holder(),
+        "writer": _lock(p).holder(),
         "attrs": attrs,
     }
