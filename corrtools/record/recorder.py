@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -80,6 +81,15 @@ def _gather(p: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
         torch.index_select(flat, 0, idx, out=out)
     else:
         out.copy_(torch.index_select(flat, 0, idx))
+
+
+def _lower_priority(nice: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread), so that compression and
+    writing use the time training leaves idle and yield to it under contention. No-op elsewhere."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
+        pass
 
 
 def _describe_params(params: ParamFilter) -> Any:
@@ -142,6 +152,7 @@ class Recorder:
             raise CorrtoolsError(f"queue_blocks={queue_blocks} must be at least 1")
         self.path = Path(path)
         self.every = every
+        self._queue_blocks = queue_blocks
         self.model = model
         self.plan = plan_samples(model, sample, params, seed)
         self._groups = self._device_groups()
@@ -150,7 +161,6 @@ class Recorder:
         if resume:
             self.step = self._check_resumable(names, index, start_step)
             self._writer = RunWriter.resume(self.path)
-            self._writer.update_attrs(resumed=[*self._writer.attrs.get("resumed", []), self.step])
         else:
             if start_step is not None:
                 raise CorrtoolsError("start_step is only used with resume=True; leave it out")
@@ -175,6 +185,17 @@ class Recorder:
                 self.path, param=names, index=index, initial=self._gather_final(), attrs=attrs,
                 chunk_steps=chunk_steps, overwrite=overwrite, compressor=compressor,
             )
+        try:
+            if resume:
+                self._writer.update_attrs(resumed=[*self._writer.attrs.get("resumed", []), self.step])
+            self._start()
+        except BaseException:
+            self._writer.abandon()  # do not keep the store locked for a Recorder that never ran
+            raise
+
+    def _start(self) -> None:
+        """Buffers, queue and writer thread, once the store is open."""
+        queue_blocks = self._queue_blocks
         self.chunk_steps = self._writer.chunk_steps
         self._last_row_step = self._writer.last_step
         self._pending_sum, self._pending_n = 0.0, 0
@@ -350,6 +371,7 @@ class Recorder:
         self._queue.put((kind, payload))
 
     def _write_loop(self) -> None:
+        _lower_priority()
         while True:
             item = self._queue.get()
             if item is None:
