@@ -21,6 +21,19 @@ __all__ = ["FORMATS", "check_density", "check_figure_path", "format_table", "plo
 FORMATS = (".png", ".svg", ".pdf")
 
 
+def _log_x_axis(ax: Any) -> None:
+    """Log x axis with a few readable labels: 1·10^k only over wide ranges, 1, 2 and 5·10^k over
+    narrow ones; minor ticks unlabeled (matplotlib labels them on narrow ranges, and they overlap)."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    subs = (1.0,) if np.log10(hi / lo) > 2 else (1.0, 2.0, 5.0)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(LogFormatterSciNotation(base=10, labelOnlyBase=False))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -108,7 +121,7 @@ def plot_delta(
             top = max(top, ceiling * 1.08)
         if ok.any():
             ax.set_xlim(float(np.min(x[ok])) / 1.6, float(np.max(x[ok])) * 1.6)
-        ax.set_xscale("log")
+        _log_x_axis(ax)
         if thresholds is not None:
             thr = float(thresholds.values[i])
             left = ax.get_xlim()[0]
@@ -161,7 +174,7 @@ def plot_rho(res: xr.Dataset, path: str | os.PathLike[str] | None = None, *, tit
             ax.plot(lag, r["rho_median"].values, color=color, lw=1.2, label=f"|w| {lo_e:.2g}–{hi_e:.2g}")
             ax.fill_between(lag, r["rho_q25"].values, r["rho_q75"].values, color=color, alpha=0.15, lw=0)
         ax.axhline(0.0, color="0.4", lw=0.8)
-        ax.set_xscale("log")
+        _log_x_axis(ax)
         ax.set_ylim(-1.05, 1.05)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("lag τ (optimizer steps)")
