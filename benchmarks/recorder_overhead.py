@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's; quick: 1). On a loaded 2-core machine "
                          "2 threads can stall for ~0.4 s per step; 1 thread is then the meaningful setting")
+    ap.add_argument("--compressor", default="auto", choices=("auto", "lz4", "zstd", "none"),
+                    help="the Recorder's values codec (default: the Recorder's default, auto)")
     args = ap.parse_args(argv)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="corrtools-bench-")
     root = Path(tmp.name)
     recorders = {
-        mode: Recorder(wl.model, root / f"{mode}.zarr", sample=_fraction(wl.model, t), seed=0)
+        mode: Recorder(wl.model, root / f"{mode}.zarr", sample=_fraction(wl.model, t), seed=0,
+                       compressor=args.compressor)
         for mode, t in targets.items()
     }
     naive = NaiveRecorder(wl.model, root / "naive.zarr", _fraction(wl.model, targets["recorder_1e5"]))

@@ -397,3 +397,18 @@ def test_failed_start_releases_the_store(tmp_path, monkeypatch):
     with pytest.raises(MemoryError):
         Recorder(_Net(), tmp_path / "f.zarr", sample=3)
     assert run_info(tmp_path / "f.zarr")["writer"] is None
+
+
+def test_auto_compressor_is_none_for_cpu_parameters_and_explicit_choice_wins(tmp_path):
+    import json
+
+    model = torch.nn.Linear(16, 8)
+
+    def codecs(path):
+        meta = json.loads((path / "values" / "zarr.json").read_text())
+        return [c["name"] for c in meta["codecs"]]
+
+    Recorder(model, tmp_path / "auto.zarr", sample=8).close()
+    Recorder(model, tmp_path / "lz4.zarr", sample=8, compressor="lz4").close()
+    assert codecs(tmp_path / "auto.zarr") == ["bytes"]
+    assert codecs(tmp_path / "lz4.zarr") == ["bytes", "blosc"]
