@@ -14,14 +14,18 @@ from corrtools.analysis.delta import (
     save_delta,
     summarize_by_magnitude,
 )
+from corrtools.analysis.plot import format_table, plot_delta, plot_rho
 
 __all__ = [
     "decorrelation_time",
     "delta_by_magnitude",
     "delta_per_weight",
     "detrend",
+    "format_table",
     "lagged_pearson",
     "load_delta",
+    "plot_delta",
+    "plot_rho",
     "rho_by_magnitude",
     "save_delta",
     "summarize_by_magnitude",

@@ -79,7 +79,7 @@ def default_chunks(n_weights: int, itemsize: int = 4) -> tuple[int, int]:
 
 def _compressor(name: str) -> Any:
     """The `values` codec. Measured on 41 x 100k float32 weights of the CharLM workload (see
-    notes/recorder.md): blosc lz4 + bitshuffle stores 0.85 of the raw size (lz4 + byte shuffle
+    docs/recorder.md): blosc lz4 + bitshuffle stores 0.85 of the raw size (lz4 + byte shuffle
     0.89, zstd-1 ~0.9, none 1.0) at the lowest CPU cost per block, since on this machine writing
     the bytes costs the kernel about as much CPU as compressing them."""
     if name == "lz4":

@@ -1,4 +1,4 @@
-"""The usage examples in notes/analysis.md (README material) run as written."""
+"""The usage examples in docs/analysis.md run as written."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,7 @@ from corrtools.record.store import run_info
 
 from .conftest import write_store
 
-NOTES = Path(__file__).resolve().parents[2] / "notes" / "analysis.md"
+NOTES = Path(__file__).resolve().parents[2] / "docs" / "analysis.md"
 
 
 def test_notes_examples_run(run_store, tmp_path, monkeypatch) -> None:
