@@ -98,19 +98,23 @@ def test_plain_xarray_opens_a_complete_store(tmp_path):
     assert set(ds.coords) >= {"step", "param", "index", "initial", "final"}
 
 
-def test_independent_reader_decodes_raw_chunks(tmp_path):
-    """Read `values` from the raw files: zarr.json metadata + numcodecs Blosc, no zarr-python."""
+@pytest.mark.parametrize("compressor", ["lz4", "none"])
+def test_independent_reader_decodes_raw_chunks(tmp_path, compressor):
+    """Read `values` from the raw files: zarr.json metadata + numcodecs Blosc (or raw little-endian
+    bytes without a codec), no zarr-python."""
     import numcodecs
 
     p = tmp_path / "r.zarr"
-    w = _create(p)
+    w = _create(p, compressor=compressor)
     _write_steps(w, range(7))
     w.close(np.zeros(N), 7)
     meta = json.loads((p / "values" / "zarr.json").read_text())
     assert meta["zarr_format"] == 3 and meta["node_type"] == "array"
     assert meta["dimension_names"] == ["step", "weight"] and meta["data_type"] == "float32"
     names = [c["name"] for c in meta["codecs"]]
-    assert names == ["bytes", "blosc"]
+    assert names == (["bytes", "blosc"] if compressor == "lz4" else ["bytes"])
+    assert meta["codecs"][0]["configuration"]["endian"] == "little"
+    decode = numcodecs.Blosc().decode if compressor == "lz4" else bytes
     rows, cols = meta["shape"]
     cs, cw = meta["chunk_grid"]["configuration"]["chunk_shape"]
     sep = meta["chunk_key_encoding"]["configuration"]["separator"]
@@ -118,7 +122,7 @@ def test_independent_reader_decodes_raw_chunks(tmp_path):
     for i in range(-(-rows // cs)):
         for j in range(-(-cols // cw)):
             raw = (p / "values" / sep.join(["c", str(i), str(j)])).read_bytes()
-            chunk = np.frombuffer(numcodecs.Blosc().decode(raw), "<f4").reshape(cs, cw)
+            chunk = np.frombuffer(decode(raw), "<f4").reshape(cs, cw)
             out[i * cs:(i + 1) * cs, j * cw:(j + 1) * cw] = chunk[: rows - i * cs, : cols - j * cw]
     np.testing.assert_array_equal(out, np.stack([_row(s) for s in range(7)]))
     step_meta = json.loads((p / "step" / "zarr.json").read_text())
