@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "kept_count",
     "nm_mask",
     "nm_mask_2d",
+    "nm_mask_2d_many",
     "patterns_2d",
     "topk_mask",
 ]
@@ -155,6 +157,51 @@ def nm_mask_2d(w: Tensor, *, name: str = "weight") -> Tensor:
     Vectorised over chunks of tiles: scores = patterns (90, 16) @ tiles (16, T), then the first
     maximum over the 90. A tile containing NaN gets an unspecified valid pattern.
     """
+    return nm_mask_2d_many([w], names=[name])[0]
+
+
+def nm_mask_2d_many(weights: Sequence[Tensor], *, names: Sequence[str] | None = None) -> list[Tensor]:
+    """:func:`nm_mask_2d` of each tensor in ``weights``, scoring all their tiles in one pass.
+
+    Returns one bool mask per weight, shaped like it, equal to ``nm_mask_2d(w)``. The tiles of all
+    weights that share a device and scoring dtype are copied into one ``(16, T_total)`` buffer and
+    scored together, which saves the per-call overhead when many small layers are rewired at once.
+    ``names`` (one per weight, default ``"weight"``) name the parameters in shape errors.
+    """
+    if names is None:
+        names = ["weight"] * len(weights)
+    if len(names) != len(weights):
+        raise CorrtoolsError(f"nm_mask_2d_many got {len(weights)} weights but {len(names)} names.")
+    grids = [_tile_grid_2d(w, name) for w, name in zip(weights, names)]
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault((w.device, _score_dtype(w)), []).append(i)
+    out: list[Tensor | None] = [None] * len(weights)
+    for (device, dtype), members in groups.items():
+        total = sum(grids[i][0] * grids[i][1] for i in members)
+        # (16, T): tile element (i, j) on row 4i+j, tiles of each weight row-major, weight after weight.
+        tiles = torch.empty(16, total, dtype=dtype, device=device)
+        spans = []
+        start = 0
+        for i in members:
+            R, C = grids[i]
+            n = R * C
+            w4 = weights[i].detach().reshape(R, 4, C, 4).permute(1, 3, 0, 2)
+            tiles[:, start : start + n].view(4, 4, R, C).copy_(w4)  # copy_ converts the dtype
+            spans.append((i, start, n))
+            start += n
+        tiles.abs_()
+        # (T, 4) int32: a tile row's 4 bools as one word, so the re-layout moves 4x fewer items.
+        rows4 = _best_patterns(tiles).view(torch.int32)
+        for i, start, n in spans:
+            R, C = grids[i]
+            mask = rows4[start : start + n].view(R, C, 4).transpose(1, 2).contiguous()  # (R, 4, C)
+            out[i] = mask.view(-1).view(torch.bool).view(weights[i].shape)
+    return out  # type: ignore[return-value]
+
+
+def _tile_grid_2d(w: Tensor, name: str) -> tuple[int, int]:
+    """(rows, cols) of 4×4 tiles in ``w``'s 2D view; a clear error when it does not tile."""
     if w.ndim < 2:
         raise CorrtoolsError(
             f"Parameter {name!r} of shape {tuple(w.shape)} has no 2D view for 2:4-2d; "
@@ -167,28 +214,40 @@ def nm_mask_2d(w: Tensor, *, name: str = "weight") -> Tensor:
             f"Parameter {name!r} of shape {tuple(w.shape)} cannot be 2:4-2d: its 2D view "
             f"({rows}, {cols}) must have both sides multiples of 4; exclude it."
         )
-    R, C = rows // 4, cols // 4
-    dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-    pats = _patterns_cpu().to(w.device).reshape(90, 16)
-    weights = pats.to(dtype)  # (90, 16)
+    return rows // 4, cols // 4
+
+
+def _score_dtype(w: Tensor) -> torch.dtype:
+    return w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _constants_2d(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(patterns (90, 16) bool, the same in ``dtype``, tie-break key (90, 1) uint8) on ``device``."""
+    pats = _patterns_cpu().reshape(90, 16).to(device)
     # key[p] = 90 - p: the largest key among the maximal patterns is the first of them in order.
-    key = torch.arange(90, 0, -1, dtype=torch.uint8, device=w.device)[:, None]  # (90, 1)
-    w4 = w.detach().reshape(R, 4, C, 4)
-    best = torch.empty(R * C, dtype=torch.long, device=w.device)  # (T,) row-major tile order
-    strips = max(1, _TILES_PER_CHUNK // C)  # 4-row strips per chunk
-    for r0 in range(0, R, strips):
-        r1 = min(r0 + strips, R)
-        n = (r1 - r0) * C
-        # (16, n): tile element (i, j) on row 4i+j; the copy is chunk-sized, so it stays in cache.
-        tiles = w4[r0:r1].permute(1, 3, 0, 2).reshape(16, n).to(dtype).abs_()
-        scores = torch.mm(weights, tiles)  # (90, n) L1 norm each pattern keeps
+    key = torch.arange(90, 0, -1, dtype=torch.uint8, device=device)[:, None]
+    return pats.view(torch.int64), pats.to(dtype), key  # int64 view: 2 words per pattern
+
+
+def _best_patterns(tiles: Tensor) -> Tensor:
+    """Kept pattern of each tile: ``tiles`` (16, T) holds ``|w|``; returns (T, 16) uint8 (0/1).
+
+    Scores = patterns (90, 16) @ tiles, chunk by chunk (``_TILES_PER_CHUNK`` columns, so the
+    (90, chunk) scores stay in cache); the first pattern reaching the maximum wins.
+    """
+    pats64, weights, key = _constants_2d(tiles.device, tiles.dtype)
+    total = tiles.shape[1]
+    best = torch.empty(total, dtype=torch.long, device=tiles.device)
+    for c0 in range(0, total, _TILES_PER_CHUNK):
+        c1 = min(c0 + _TILES_PER_CHUNK, total)
+        scores = torch.mm(weights, tiles[:, c0:c1])  # (90, n) L1 norm each pattern keeps
         top = scores.amax(0)  # (n,)
         # argmax over dim 0 is slow on CPU; "first p with scores[p] >= top" via a uint8 key is not.
         hit = torch.ge(scores, top).view(torch.uint8).mul_(key)  # (90, n)
-        best[r0 * C : r1 * C] = 90 - hit.amax(0).long()
+        torch.sub(90, hit.amax(0), out=best[c0:c1])
     best.clamp_(0, 89)  # a tile holding NaN matches no pattern: give it a valid one
-    keep = pats[best]  # (T, 16)
-    return keep.reshape(R, C, 4, 4).transpose(1, 2).reshape(w.shape)
+    return pats64.index_select(0, best).view(torch.uint8)  # gathering 2 words a tile, not 16 bytes
 
 
 def block_mask(w: Tensor, density: float, block: int, *, name: str = "weight") -> Tensor:

@@ -13,6 +13,7 @@ from corrtools.sparse.masks import (
     kept_count,
     nm_mask,
     nm_mask_2d,
+    nm_mask_2d_many,
     patterns_2d,
     topk_mask,
 )
@@ -191,6 +192,60 @@ def test_nm_mask_2d_conv_uses_k_by_crs_view():
     w = _ints((4, 2, 1, 2), seed=2)  # view (4, 4): columns are (c, s) with s fastest
     m = nm_mask_2d(w)
     assert torch.equal(m.reshape(4, 4), _nm2d_reference(w.reshape(4, 4)))
+
+
+def _per_layer_mm_reference(w: torch.Tensor) -> torch.Tensor:
+    """The original single-layer scoring: one (90, 16) @ (16, T) mm, then numpy's first argmax."""
+    dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+    rows = w.shape[0]
+    R, C = rows // 4, w.numel() // rows // 4
+    pats = patterns_2d().reshape(90, 16)
+    tiles = w.reshape(R, 4, C, 4).permute(1, 3, 0, 2).reshape(16, R * C).to(dtype).abs()
+    best = np.argmax(torch.mm(pats.to(dtype), tiles).numpy(), axis=0)  # first maximum
+    keep = pats[torch.from_numpy(best)]
+    return keep.reshape(R, C, 4, 4).transpose(1, 2).reshape(w.shape)
+
+
+_MANY_SHAPES = [(384, 128), (4, 4), (8, 12), (128, 512), (16, 8, 3, 3), (12, 16, 4), (64, 4, 1, 1)]
+
+
+@pytest.mark.parametrize("make", [_ints, _normal])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nm_mask_2d_many_equals_per_layer(make, dtype):
+    for seed in range(3):
+        ws = [make(s, seed=seed + 10 * i).to(dtype) for i, s in enumerate(_MANY_SHAPES)]
+        many = nm_mask_2d_many(ws)
+        assert len(many) == len(ws)
+        for w, m in zip(ws, many):
+            assert m.dtype == torch.bool and m.shape == w.shape
+            assert torch.equal(m, nm_mask_2d(w))
+            assert torch.equal(m, _per_layer_mm_reference(w))
+
+
+def test_nm_mask_2d_many_brute_force_and_ragged_chunks(monkeypatch):
+    import corrtools.sparse.masks as masks
+
+    monkeypatch.setattr(masks, "_TILES_PER_CHUNK", 5)  # chunks straddle the weights' boundaries
+    ws = [_ints((8, 12), seed=1), _normal((4, 8), seed=2), _ints((8, 2, 1, 2), seed=3)]
+    ws.append(_normal((12, 4), seed=4))
+    for w, m in zip(ws, masks.nm_mask_2d_many(ws)):
+        _assert_2d_valid(m)
+        assert torch.equal(m, _nm2d_reference(w))
+
+
+def test_nm_mask_2d_many_mixed_dtypes_and_empty():
+    ws = [_normal((8, 8), seed=1, dtype=torch.float16), _normal((8, 8), seed=2), _ints((4, 8), seed=3)]
+    for w, m in zip(ws, nm_mask_2d_many(ws)):
+        assert torch.equal(m, nm_mask_2d(w))
+        assert torch.equal(m, _per_layer_mm_reference(w))
+    assert nm_mask_2d_many([]) == []
+
+
+def test_nm_mask_2d_many_errors_name_the_parameter():
+    with pytest.raises(CorrtoolsError, match=r"fc2\.weight.*\(6, 8\)"):
+        nm_mask_2d_many([torch.randn(8, 8), torch.randn(6, 8)], names=["fc1.weight", "fc2.weight"])
+    with pytest.raises(CorrtoolsError, match="2 weights but 1 names"):
+        nm_mask_2d_many([torch.randn(8, 8), torch.randn(8, 8)], names=["a"])
 
 
 def test_nm_mask_2d_misfit():
