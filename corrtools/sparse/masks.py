@@ -164,8 +164,9 @@ def nm_mask_2d_many(weights: Sequence[Tensor], *, names: Sequence[str] | None = 
     """:func:`nm_mask_2d` of each tensor in ``weights``, scoring all their tiles in one pass.
 
     Returns one bool mask per weight, shaped like it, equal to ``nm_mask_2d(w)``. The tiles of all
-    weights that share a device and scoring dtype are copied into one ``(16, T_total)`` buffer and
-    scored together, which saves the per-call overhead when many small layers are rewired at once.
+    weights that share a device and scoring dtype are scored together, in chunks of about
+    ``_TILES_PER_CHUNK`` tiles that may span several weights, which saves the per-call overhead when
+    many small layers are rewired at once.
     ``names`` (one per weight, default ``"weight"``) name the parameters in shape errors.
     """
     if names is None:
@@ -179,24 +180,32 @@ def nm_mask_2d_many(weights: Sequence[Tensor], *, names: Sequence[str] | None = 
     out: list[Tensor | None] = [None] * len(weights)
     for (device, dtype), members in groups.items():
         total = sum(grids[i][0] * grids[i][1] for i in members)
-        # (16, T): tile element (i, j) on row 4i+j, tiles of each weight row-major, weight after weight.
-        tiles = torch.empty(16, total, dtype=dtype, device=device)
-        spans = []
+        best = torch.empty(total, dtype=torch.long, device=device)  # weight after weight, row-major
+        # Pieces of whole 4-row strips, packed into chunks of about _TILES_PER_CHUNK tiles: small
+        # layers share a chunk, large ones are split, and each chunk's copy stays in cache.
+        chunk: list[tuple[Tensor, int, int]] = []  # (strips of w as (r, 4, C, 4), r, C)
+        size, done = 0, 0
+        for i in members:
+            R, C = grids[i]
+            w4 = weights[i].detach().reshape(R, 4, C, 4)
+            strips = max(1, _TILES_PER_CHUNK // C)
+            for r0 in range(0, R, strips):
+                r1 = min(r0 + strips, R)
+                if chunk and size + (r1 - r0) * C > _TILES_PER_CHUNK:
+                    _score_chunk_(chunk, size, dtype, best[done : done + size])
+                    done, size, chunk = done + size, 0, []
+                chunk.append((w4[r0:r1], r1 - r0, C))
+                size += (r1 - r0) * C
+        _score_chunk_(chunk, size, dtype, best[done : done + size])
+        pats64 = _constants_2d(device, dtype)[0]
+        # (T, 4) int32: a tile row's 4 bools as one word, so the re-layout moves 4x fewer items.
+        rows4 = pats64.index_select(0, best).view(torch.int32)  # gathering 2 words a tile
         start = 0
         for i in members:
             R, C = grids[i]
-            n = R * C
-            w4 = weights[i].detach().reshape(R, 4, C, 4).permute(1, 3, 0, 2)
-            tiles[:, start : start + n].view(4, 4, R, C).copy_(w4)  # copy_ converts the dtype
-            spans.append((i, start, n))
-            start += n
-        tiles.abs_()
-        # (T, 4) int32: a tile row's 4 bools as one word, so the re-layout moves 4x fewer items.
-        rows4 = _best_patterns(tiles).view(torch.int32)
-        for i, start, n in spans:
-            R, C = grids[i]
-            mask = rows4[start : start + n].view(R, C, 4).transpose(1, 2).contiguous()  # (R, 4, C)
+            mask = rows4[start : start + R * C].view(R, C, 4).transpose(1, 2).contiguous()  # (R, 4, C)
             out[i] = mask.view(-1).view(torch.bool).view(weights[i].shape)
+            start += R * C
     return out  # type: ignore[return-value]
 
 
@@ -223,31 +232,37 @@ def _score_dtype(w: Tensor) -> torch.dtype:
 
 @functools.lru_cache(maxsize=None)
 def _constants_2d(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(patterns (90, 16) bool, the same in ``dtype``, tie-break key (90, 1) uint8) on ``device``."""
+    """On ``device``: the patterns (90, 16) bool viewed as (90, 2) int64, the patterns (90, 16) in
+    ``dtype``, and the tie-break key (90, 1) uint8. Built once per (device, dtype)."""
     pats = _patterns_cpu().reshape(90, 16).to(device)
     # key[p] = 90 - p: the largest key among the maximal patterns is the first of them in order.
     key = torch.arange(90, 0, -1, dtype=torch.uint8, device=device)[:, None]
     return pats.view(torch.int64), pats.to(dtype), key  # int64 view: 2 words per pattern
 
 
-def _best_patterns(tiles: Tensor) -> Tensor:
-    """Kept pattern of each tile: ``tiles`` (16, T) holds ``|w|``; returns (T, 16) uint8 (0/1).
+def _score_chunk_(pieces: list[tuple[Tensor, int, int]], size: int, dtype: torch.dtype, best: Tensor) -> None:
+    """Write into ``best`` (``size``,) the kept pattern index of each tile of ``pieces``, in order.
 
-    Scores = patterns (90, 16) @ tiles, chunk by chunk (``_TILES_PER_CHUNK`` columns, so the
-    (90, chunk) scores stay in cache); the first pattern reaching the maximum wins.
+    ``pieces``: (w4, r, C) with ``w4`` a (r, 4, C, 4) view of weight rows. Their ``|w|`` go into one
+    (16, size) block (tile element (i, j) on row 4i+j); scores = patterns (90, 16) @ block, and the
+    first pattern reaching each tile's maximum wins.
     """
-    pats64, weights, key = _constants_2d(tiles.device, tiles.dtype)
-    total = tiles.shape[1]
-    best = torch.empty(total, dtype=torch.long, device=tiles.device)
-    for c0 in range(0, total, _TILES_PER_CHUNK):
-        c1 = min(c0 + _TILES_PER_CHUNK, total)
-        scores = torch.mm(weights, tiles[:, c0:c1])  # (90, n) L1 norm each pattern keeps
-        top = scores.amax(0)  # (n,)
-        # argmax over dim 0 is slow on CPU; "first p with scores[p] >= top" via a uint8 key is not.
-        hit = torch.ge(scores, top).view(torch.uint8).mul_(key)  # (90, n)
-        torch.sub(90, hit.amax(0), out=best[c0:c1])
+    if size == 0:
+        return
+    device = pieces[0][0].device
+    _, weights, key = _constants_2d(device, dtype)
+    tiles = torch.empty(16, size, dtype=dtype, device=device)
+    start = 0
+    for w4, r, C in pieces:
+        tiles[:, start : start + r * C].view(4, 4, r, C).copy_(w4.permute(1, 3, 0, 2))  # casts too
+        start += r * C
+    tiles.abs_()
+    scores = torch.mm(weights, tiles)  # (90, size) L1 norm each pattern keeps
+    top = scores.amax(0)  # (size,)
+    # argmax over dim 0 is slow on CPU; "first p with scores[p] >= top" via a uint8 key is not.
+    hit = torch.ge(scores, top).view(torch.uint8).mul_(key)  # (90, size)
+    torch.sub(90, hit.amax(0), out=best)
     best.clamp_(0, 89)  # a tile holding NaN matches no pattern: give it a valid one
-    return pats64.index_select(0, best).view(torch.uint8)  # gathering 2 words a tile, not 16 bytes
 
 
 def block_mask(w: Tensor, density: float, block: int, *, name: str = "weight") -> Tensor:

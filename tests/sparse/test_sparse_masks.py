@@ -227,7 +227,7 @@ def test_nm_mask_2d_many_brute_force_and_ragged_chunks(monkeypatch):
 
     monkeypatch.setattr(masks, "_TILES_PER_CHUNK", 5)  # chunks straddle the weights' boundaries
     ws = [_ints((8, 12), seed=1), _normal((4, 8), seed=2), _ints((8, 2, 1, 2), seed=3)]
-    ws.append(_normal((12, 4), seed=4))
+    ws += [_normal((12, 4), seed=4), _ints((8, 32), seed=5)]  # 8 tiles a strip: wider than a chunk
     for w, m in zip(ws, masks.nm_mask_2d_many(ws)):
         _assert_2d_valid(m)
         assert torch.equal(m, _nm2d_reference(w))
