@@ -233,14 +233,18 @@ def _score_dtype(w: Tensor) -> torch.dtype:
 @functools.lru_cache(maxsize=None)
 def _constants_2d(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """On ``device``: the patterns (90, 16) bool viewed as (90, 2) int64, the patterns (90, 16) in
-    ``dtype``, and the tie-break key (90, 1) uint8. Built once per (device, dtype)."""
+    ``dtype``, and the tie-break key (90, 1) in the signed integer type as wide as ``dtype``.
+    Built once per (device, dtype)."""
     pats = _patterns_cpu().reshape(90, 16).to(device)
     # key[p] = 90 - p: the largest key among the maximal patterns is the first of them in order.
-    key = torch.arange(90, 0, -1, dtype=torch.uint8, device=device)[:, None]
+    bits = torch.int64 if dtype == torch.float64 else torch.int32  # same width as a score
+    key = torch.arange(90, 0, -1, dtype=bits, device=device)[:, None]
     return pats.view(torch.int64), pats.to(dtype), key  # int64 view: 2 words per pattern
 
 
-def _score_chunk_(pieces: list[tuple[Tensor, int, int]], size: int, dtype: torch.dtype, best: Tensor) -> None:
+def _score_chunk_(
+    pieces: list[tuple[Tensor, int, int]], size: int, dtype: torch.dtype, best: Tensor
+) -> None:
     """Write into ``best`` (``size``,) the kept pattern index of each tile of ``pieces``, in order.
 
     ``pieces``: (w4, r, C) with ``w4`` a (r, 4, C, 4) view of weight rows. Their ``|w|`` go into one
@@ -259,9 +263,12 @@ def _score_chunk_(pieces: list[tuple[Tensor, int, int]], size: int, dtype: torch
     tiles.abs_()
     scores = torch.mm(weights, tiles)  # (90, size) L1 norm each pattern keeps
     top = scores.amax(0)  # (size,)
-    # argmax over dim 0 is slow on CPU; "first p with scores[p] >= top" via a uint8 key is not.
-    hit = torch.ge(scores, top).view(torch.uint8).mul_(key)  # (90, size)
-    torch.sub(90, hit.amax(0), out=best)
+    # The first p with scores[p] == top (argmax over dim 0 and bool compares are slow on CPU):
+    # scores - top is +0.0 (integer bits 0) exactly where scores == top and negative (sign bit set)
+    # elsewhere, also when flushed to zero (-0.0); or-ing key[p] = 90 - p into the bits keeps that
+    # sign, so the column maximum is the key of the first maximal pattern.
+    hits = scores.sub_(top).view(key.dtype).bitwise_or_(key)  # (90, size)
+    torch.sub(90, hits.amax(0), out=best)
     best.clamp_(0, 89)  # a tile holding NaN matches no pattern: give it a valid one
 
 

@@ -241,6 +241,21 @@ def test_nm_mask_2d_many_mixed_dtypes_and_empty():
     assert nm_mask_2d_many([]) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nm_mask_2d_tiny_and_nan_values(dtype):
+    # Subnormal weights: scores that differ by one ulp near zero still rank exactly.
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    w = (_ints((16, 24), seed=9, high=3).to(dtype) * tiny).to(dtype)
+    assert torch.equal(nm_mask_2d(w), _nm2d_reference(w))
+    w = _normal((8, 8), seed=4).to(dtype)
+    w[1, 5] = float("nan")  # its tile gets some valid pattern; the other tiles are unaffected
+    m = nm_mask_2d(w)
+    _assert_2d_valid(m)
+    clean = w.clone()
+    clean[:4, 4:] = 0
+    assert torch.equal(m[4:], nm_mask_2d(clean)[4:]) and torch.equal(m[:4, :4], nm_mask_2d(clean)[:4, :4])
+
+
 def test_nm_mask_2d_many_errors_name_the_parameter():
     with pytest.raises(CorrtoolsError, match=r"fc2\.weight.*\(6, 8\)"):
         nm_mask_2d_many([torch.randn(8, 8), torch.randn(6, 8)], names=["fc1.weight", "fc2.weight"])
