@@ -71,22 +71,25 @@ def topk_mask(w: Tensor, density: float, *, name: str = "weight") -> Tensor:
     if k == 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     a = w.detach().abs().reshape(-1)
-    threshold = _kth_smallest(a, numel - k + 1)  # the k-th largest |w|
+    threshold, tied_below = _kth_smallest(a, numel - k + 1)  # the k-th largest |w|
     keep = a >= threshold
-    surplus = int(keep.sum()) - k
-    if surplus:  # more weights equal the threshold than places left: drop the highest-index ones
+    surplus = int(keep.sum()) - k if tied_below else 0
+    if surplus > 0:  # more weights equal the threshold than places left: drop the highest-index ones
         ties = a == threshold
         keep &= ~(ties & (ties.cumsum(0) > int(ties.sum()) - surplus))
     return keep.view(w.shape)
 
 
-def _kth_smallest(a: Tensor, rank: int) -> Tensor:
-    """The ``rank``-th smallest (1-based) element of 1D ``a``, as a 0-d tensor on ``a``'s device."""
+def _kth_smallest(a: Tensor, rank: int) -> tuple[Tensor, bool]:
+    """The ``rank``-th smallest (1-based) element of 1D ``a``, as a 0-d tensor on ``a``'s device,
+    and whether one of the ``rank - 1`` smaller elements may equal it (False: none does)."""
     if a.device.type == "cpu" and a.dtype in (torch.float16, torch.float32, torch.float64):
         # numpy's introselect is ~10x faster than torch.kthvalue on CPU.
-        value = np.partition(a.numpy(), rank - 1)[rank - 1]
-        return torch.tensor(value, dtype=a.dtype)
-    return a.kthvalue(rank).values
+        part = np.partition(a.numpy(), rank - 1)
+        value = part[rank - 1]
+        tied_below = rank > 1 and bool(part[: rank - 1].max() == value)
+        return torch.tensor(value, dtype=a.dtype), tied_below
+    return a.kthvalue(rank).values, True
 
 
 def nm_mask(w: Tensor, n: int = 2, m: int = 4, *, name: str = "weight") -> Tensor:

@@ -63,6 +63,17 @@ def test_topk_mask_ties_go_to_lower_index():
     assert m.reshape(-1).tolist() == [True] * 3 + [False] * 7
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_topk_mask_ties_below_and_above_the_threshold(dtype):
+    for seed in range(4):
+        w = _ints((16, 9), high=2, seed=seed).to(dtype)  # 5 values: the threshold is always tied
+        for density in (0.1, 0.3, 0.6):
+            k = kept_count(density, w.numel())
+            assert torch.equal(topk_mask(w, density), _topk_reference(w.double(), k))
+    w = torch.tensor([3.0, 3.0, 3.0, 1.0, 0.5, 0.25], dtype=dtype)  # ties above the threshold only
+    assert topk_mask(w, 4 / 6).tolist() == [True] * 4 + [False] * 2
+
+
 def test_topk_mask_conv_and_bad_density():
     w = _normal((8, 4, 3, 3), dtype=torch.float32)
     assert int(topk_mask(w, 0.25).sum()) == kept_count(0.25, w.numel())
