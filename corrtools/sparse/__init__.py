@@ -22,7 +22,7 @@ from __future__ import annotations
 from corrtools.sparse.config import SparsityConfig, Structure
 from corrtools.sparse.exploit import Fix, Regularize, Reset
 from corrtools.sparse.kernels import is_2to4, semi_structured_candidates, to_semi_structured_
-from corrtools.sparse.masks import block_mask, nm_mask, nm_mask_2d, patterns_2d, topk_mask
+from corrtools.sparse.masks import block_mask, nm_mask, nm_mask_2d, nm_mask_2d_many, patterns_2d, topk_mask
 from corrtools.sparse.ops import mask_module_, masked_weight, unmask_module_
 from corrtools.sparse.sparsifier import LayerReport, Sparsifier
 
@@ -40,6 +40,7 @@ __all__ = [
     "masked_weight",
     "nm_mask",
     "nm_mask_2d",
+    "nm_mask_2d_many",
     "patterns_2d",
     "semi_structured_candidates",
     "to_semi_structured_",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,16 @@ class Structure:
         if self.kind == "nm2d":
             return masks.nm_mask_2d(w, name=name)
         return masks.block_mask(w, density, self.block, name=name)
+
+    def masks(self, weights: Sequence[Tensor], density: float, names: Sequence[str]) -> list[Tensor]:
+        """:meth:`mask` of each weight (``names`` one per weight), batched where the structure can be.
+
+        2:4-2d scores all the weights' tiles in one pass (:func:`masks.nm_mask_2d_many`); the
+        other structures compute one weight at a time. Same masks as calling :meth:`mask` on each.
+        """
+        if self.kind == "nm2d":
+            return masks.nm_mask_2d_many(weights, names=names)
+        return [self.mask(w, density, name=name) for w, name in zip(weights, names)]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "kept_count",
     "nm_mask",
     "nm_mask_2d",
+    "nm_mask_2d_many",
     "patterns_2d",
     "topk_mask",
 ]
@@ -69,22 +71,25 @@ def topk_mask(w: Tensor, density: float, *, name: str = "weight") -> Tensor:
     if k == 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     a = w.detach().abs().reshape(-1)
-    threshold = _kth_smallest(a, numel - k + 1)  # the k-th largest |w|
+    threshold, tied_below = _kth_smallest(a, numel - k + 1)  # the k-th largest |w|
     keep = a >= threshold
-    surplus = int(keep.sum()) - k
-    if surplus:  # more weights equal the threshold than places left: drop the highest-index ones
+    surplus = int(keep.sum()) - k if tied_below else 0
+    if surplus > 0:  # more weights equal the threshold than places left: drop the highest-index ones
         ties = a == threshold
         keep &= ~(ties & (ties.cumsum(0) > int(ties.sum()) - surplus))
     return keep.view(w.shape)
 
 
-def _kth_smallest(a: Tensor, rank: int) -> Tensor:
-    """The ``rank``-th smallest (1-based) element of 1D ``a``, as a 0-d tensor on ``a``'s device."""
+def _kth_smallest(a: Tensor, rank: int) -> tuple[Tensor, bool]:
+    """The ``rank``-th smallest (1-based) element of 1D ``a``, as a 0-d tensor on ``a``'s device,
+    and whether one of the ``rank - 1`` smaller elements may equal it (False: none does)."""
     if a.device.type == "cpu" and a.dtype in (torch.float16, torch.float32, torch.float64):
         # numpy's introselect is ~10x faster than torch.kthvalue on CPU.
-        value = np.partition(a.numpy(), rank - 1)[rank - 1]
-        return torch.tensor(value, dtype=a.dtype)
-    return a.kthvalue(rank).values
+        part = np.partition(a.numpy(), rank - 1)
+        value = part[rank - 1]
+        tied_below = rank > 1 and bool(part[: rank - 1].max() == value)
+        return torch.tensor(value, dtype=a.dtype), tied_below
+    return a.kthvalue(rank).values, True
 
 
 def nm_mask(w: Tensor, n: int = 2, m: int = 4, *, name: str = "weight") -> Tensor:
@@ -155,6 +160,60 @@ def nm_mask_2d(w: Tensor, *, name: str = "weight") -> Tensor:
     Vectorised over chunks of tiles: scores = patterns (90, 16) @ tiles (16, T), then the first
     maximum over the 90. A tile containing NaN gets an unspecified valid pattern.
     """
+    return nm_mask_2d_many([w], names=[name])[0]
+
+
+def nm_mask_2d_many(weights: Sequence[Tensor], *, names: Sequence[str] | None = None) -> list[Tensor]:
+    """:func:`nm_mask_2d` of each tensor in ``weights``, scoring all their tiles in one pass.
+
+    Returns one bool mask per weight, shaped like it, equal to ``nm_mask_2d(w)``. The tiles of all
+    weights that share a device and scoring dtype are scored together, in chunks of about
+    ``_TILES_PER_CHUNK`` tiles that may span several weights, which saves the per-call overhead when
+    many small layers are rewired at once.
+    ``names`` (one per weight, default ``"weight"``) name the parameters in shape errors.
+    """
+    if names is None:
+        names = ["weight"] * len(weights)
+    if len(names) != len(weights):
+        raise CorrtoolsError(f"nm_mask_2d_many got {len(weights)} weights but {len(names)} names.")
+    grids = [_tile_grid_2d(w, name) for w, name in zip(weights, names)]
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault((w.device, _score_dtype(w)), []).append(i)
+    out: list[Tensor | None] = [None] * len(weights)
+    for (device, dtype), members in groups.items():
+        total = sum(grids[i][0] * grids[i][1] for i in members)
+        best = torch.empty(total, dtype=torch.long, device=device)  # weight after weight, row-major
+        # Pieces of whole 4-row strips, packed into chunks of about _TILES_PER_CHUNK tiles: small
+        # layers share a chunk, large ones are split, and each chunk's copy stays in cache.
+        chunk: list[tuple[Tensor, int, int]] = []  # (strips of w as (r, 4, C, 4), r, C)
+        size, done = 0, 0
+        for i in members:
+            R, C = grids[i]
+            w4 = weights[i].detach().reshape(R, 4, C, 4)
+            strips = max(1, _TILES_PER_CHUNK // C)
+            for r0 in range(0, R, strips):
+                r1 = min(r0 + strips, R)
+                if chunk and size + (r1 - r0) * C > _TILES_PER_CHUNK:
+                    _score_chunk_(chunk, size, dtype, best[done : done + size])
+                    done, size, chunk = done + size, 0, []
+                chunk.append((w4[r0:r1], r1 - r0, C))
+                size += (r1 - r0) * C
+        _score_chunk_(chunk, size, dtype, best[done : done + size])
+        pats64 = _constants_2d(device, dtype)[0]
+        # (T, 4) int32: a tile row's 4 bools as one word, so the re-layout moves 4x fewer items.
+        rows4 = pats64.index_select(0, best).view(torch.int32)  # gathering 2 words a tile
+        start = 0
+        for i in members:
+            R, C = grids[i]
+            mask = rows4[start : start + R * C].view(R, C, 4).transpose(1, 2).contiguous()  # (R, 4, C)
+            out[i] = mask.view(-1).view(torch.bool).view(weights[i].shape)
+            start += R * C
+    return out  # type: ignore[return-value]
+
+
+def _tile_grid_2d(w: Tensor, name: str) -> tuple[int, int]:
+    """(rows, cols) of 4×4 tiles in ``w``'s 2D view; a clear error when it does not tile."""
     if w.ndim < 2:
         raise CorrtoolsError(
             f"Parameter {name!r} of shape {tuple(w.shape)} has no 2D view for 2:4-2d; "
@@ -167,28 +226,53 @@ def nm_mask_2d(w: Tensor, *, name: str = "weight") -> Tensor:
             f"Parameter {name!r} of shape {tuple(w.shape)} cannot be 2:4-2d: its 2D view "
             f"({rows}, {cols}) must have both sides multiples of 4; exclude it."
         )
-    R, C = rows // 4, cols // 4
-    dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-    pats = _patterns_cpu().to(w.device).reshape(90, 16)
-    weights = pats.to(dtype)  # (90, 16)
+    return rows // 4, cols // 4
+
+
+def _score_dtype(w: Tensor) -> torch.dtype:
+    return w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _constants_2d(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """On ``device``: the patterns (90, 16) bool viewed as (90, 2) int64, the patterns (90, 16) in
+    ``dtype``, and the tie-break key (90, 1) in the signed integer type as wide as ``dtype``.
+    Built once per (device, dtype)."""
+    pats = _patterns_cpu().reshape(90, 16).to(device)
     # key[p] = 90 - p: the largest key among the maximal patterns is the first of them in order.
-    key = torch.arange(90, 0, -1, dtype=torch.uint8, device=w.device)[:, None]  # (90, 1)
-    w4 = w.detach().reshape(R, 4, C, 4)
-    best = torch.empty(R * C, dtype=torch.long, device=w.device)  # (T,) row-major tile order
-    strips = max(1, _TILES_PER_CHUNK // C)  # 4-row strips per chunk
-    for r0 in range(0, R, strips):
-        r1 = min(r0 + strips, R)
-        n = (r1 - r0) * C
-        # (16, n): tile element (i, j) on row 4i+j; the copy is chunk-sized, so it stays in cache.
-        tiles = w4[r0:r1].permute(1, 3, 0, 2).reshape(16, n).to(dtype).abs_()
-        scores = torch.mm(weights, tiles)  # (90, n) L1 norm each pattern keeps
-        top = scores.amax(0)  # (n,)
-        # argmax over dim 0 is slow on CPU; "first p with scores[p] >= top" via a uint8 key is not.
-        hit = torch.ge(scores, top).view(torch.uint8).mul_(key)  # (90, n)
-        best[r0 * C : r1 * C] = 90 - hit.amax(0).long()
+    bits = torch.int64 if dtype == torch.float64 else torch.int32  # same width as a score
+    key = torch.arange(90, 0, -1, dtype=bits, device=device)[:, None]
+    return pats.view(torch.int64), pats.to(dtype), key  # int64 view: 2 words per pattern
+
+
+def _score_chunk_(
+    pieces: list[tuple[Tensor, int, int]], size: int, dtype: torch.dtype, best: Tensor
+) -> None:
+    """Write into ``best`` (``size``,) the kept pattern index of each tile of ``pieces``, in order.
+
+    ``pieces``: (w4, r, C) with ``w4`` a (r, 4, C, 4) view of weight rows. Their ``|w|`` go into one
+    (16, size) block (tile element (i, j) on row 4i+j); scores = patterns (90, 16) @ block, and the
+    first pattern reaching each tile's maximum wins.
+    """
+    if size == 0:
+        return
+    device = pieces[0][0].device
+    _, weights, key = _constants_2d(device, dtype)
+    tiles = torch.empty(16, size, dtype=dtype, device=device)
+    start = 0
+    for w4, r, C in pieces:
+        tiles[:, start : start + r * C].view(4, 4, r, C).copy_(w4.permute(1, 3, 0, 2))  # casts too
+        start += r * C
+    tiles.abs_()
+    scores = torch.mm(weights, tiles)  # (90, size) L1 norm each pattern keeps
+    top = scores.amax(0)  # (size,)
+    # The first p with scores[p] == top (argmax over dim 0 and bool compares are slow on CPU):
+    # scores - top is +0.0 (integer bits 0) exactly where scores == top and negative (sign bit set)
+    # elsewhere, also when flushed to zero (-0.0); or-ing key[p] = 90 - p into the bits keeps that
+    # sign, so the column maximum is the key of the first maximal pattern.
+    hits = scores.sub_(top).view(key.dtype).bitwise_or_(key)  # (90, size)
+    torch.sub(90, hits.amax(0), out=best)
     best.clamp_(0, 89)  # a tile holding NaN matches no pattern: give it a valid one
-    keep = pats[best]  # (T, 16)
-    return keep.reshape(R, C, 4, 4).transpose(1, 2).reshape(w.shape)
 
 
 def block_mask(w: Tensor, density: float, block: int, *, name: str = "weight") -> Tensor:

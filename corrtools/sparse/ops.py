@@ -22,26 +22,28 @@ __all__ = ["MASK_BUFFER", "MASKABLE", "is_masked", "mask_module_", "masked_weigh
 MASK_BUFFER = "weight_mask"  # buffer name on a masked module; state_dict key "<module>.weight_mask"
 MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _SCALE_ATTR = "_corrtools_grad_scale"
+_FACTOR_ATTR = "_corrtools_mask_factor"  # (mask, its version, mask in the weight dtype)
 
 
 class _MaskedWeight(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, mask: Tensor, grad_scale: float) -> Tensor:
-        ctx.save_for_backward(mask)
+    def forward(ctx: Any, weight: Tensor, mask: Tensor, factor: Tensor, grad_scale: float) -> Tensor:
+        # factor: the mask as 0/1 in weight's dtype; multiplying by it is ~4x cheaper than by bool.
+        ctx.save_for_backward(mask, factor)
         ctx.grad_scale = grad_scale
-        return weight * mask
+        return weight * factor
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None
-        (mask,) = ctx.saved_tensors
+            return None, None, None, None
+        mask, factor = ctx.saved_tensors
         s = ctx.grad_scale
         if s == 1.0:  # the paper's default: the dense gradient as it is
-            return grad, None, None
+            return grad, None, None, None
         if s == 0.0:
-            return grad * mask, None, None
-        return torch.where(mask, grad, grad * s), None, None
+            return grad * factor, None, None, None
+        return torch.where(mask, grad, grad * s), None, None, None
 
 
 def masked_weight(weight: Tensor, mask: Tensor, grad_scale: float = 1.0) -> Tensor:
@@ -49,17 +51,29 @@ def masked_weight(weight: Tensor, mask: Tensor, grad_scale: float = 1.0) -> Tens
 
     ``mask`` is bool, shaped like ``weight``; ``grad_scale`` is s (>= 0).
     """
-    return _MaskedWeight.apply(weight, mask, float(grad_scale))
+    return _MaskedWeight.apply(weight, mask, mask.to(weight.dtype), float(grad_scale))
+
+
+def _module_masked_weight(module: nn.Module) -> Tensor:
+    """:func:`masked_weight` of a masked module, reusing the mask in the weight's dtype.
+
+    The converted mask is cached on the module and rebuilt whenever the mask buffer is replaced or
+    changed in place (its version counter moves: rewiring, ``load_state_dict``) or the dtype changes.
+    """
+    weight, mask = module.weight, getattr(module, MASK_BUFFER)
+    cache = module.__dict__.get(_FACTOR_ATTR)
+    if cache is None or cache[0] is not mask or cache[1] != mask._version or cache[2].dtype != weight.dtype:
+        cache = (mask, mask._version, mask.to(weight.dtype))
+        module.__dict__[_FACTOR_ATTR] = cache
+    return _MaskedWeight.apply(weight, mask, cache[2], getattr(module, _SCALE_ATTR))
 
 
 def _masked_linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
-    w = masked_weight(self.weight, getattr(self, MASK_BUFFER), getattr(self, _SCALE_ATTR))
-    return F.linear(input, w, self.bias)
+    return F.linear(input, _module_masked_weight(self), self.bias)
 
 
 def _masked_conv_forward(self: nn.Conv1d | nn.Conv2d, input: Tensor) -> Tensor:
-    w = masked_weight(self.weight, getattr(self, MASK_BUFFER), getattr(self, _SCALE_ATTR))
-    return self._conv_forward(input, w, self.bias)
+    return self._conv_forward(input, _module_masked_weight(self), self.bias)
 
 
 def is_masked(module: nn.Module) -> bool:
@@ -105,4 +119,5 @@ def unmask_module_(module: nn.Module, apply: bool = True) -> None:
             module.weight.masked_fill_(~getattr(module, MASK_BUFFER), 0.0)
     del module._buffers[MASK_BUFFER]
     delattr(module, _SCALE_ATTR)
+    module.__dict__.pop(_FACTOR_ATTR, None)
     del module.forward

@@ -180,12 +180,13 @@ class Sparsifier:
                 decay_nonparticipating_(layer.weight, layer.mask, exploit.beta)
 
     def _rewire(self) -> None:
-        for name, layer in self._layers.items():
+        layers = self._layers
+        weights = [layer.weight for layer in layers.values()]
+        fresh = self._structure.masks(weights, self.config.density, list(layers))
+        for layer, new in zip(layers.values(), fresh):
             mask = layer.mask
-            new = self._structure.mask(layer.weight, self.config.density, name=name)
-            joined = mask.logical_not_().logical_and_(new).sum()  # in p now, in n before
-            layer.rewired_last.copy_(joined)
-            layer.rewired_total.add_(joined)
+            layer.rewired_last.copy_(torch.gt(new, mask).sum())  # in p now (True), in n before
+            layer.rewired_total.add_(layer.rewired_last)
             mask.copy_(new)  # in place: the buffer stays the same tensor
 
     # ----------------------------------------------------------------- inspection

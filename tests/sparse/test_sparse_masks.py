@@ -13,6 +13,7 @@ from corrtools.sparse.masks import (
     kept_count,
     nm_mask,
     nm_mask_2d,
+    nm_mask_2d_many,
     patterns_2d,
     topk_mask,
 )
@@ -60,6 +61,17 @@ def test_topk_mask_ties_go_to_lower_index():
     w = torch.ones(2, 5)
     m = topk_mask(w, 0.3)  # 3 of 10 equal values
     assert m.reshape(-1).tolist() == [True] * 3 + [False] * 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_topk_mask_ties_below_and_above_the_threshold(dtype):
+    for seed in range(4):
+        w = _ints((16, 9), high=2, seed=seed).to(dtype)  # 5 values: the threshold is always tied
+        for density in (0.1, 0.3, 0.6):
+            k = kept_count(density, w.numel())
+            assert torch.equal(topk_mask(w, density), _topk_reference(w.double(), k))
+    w = torch.tensor([3.0, 3.0, 3.0, 1.0, 0.5, 0.25], dtype=dtype)  # ties above the threshold only
+    assert topk_mask(w, 4 / 6).tolist() == [True] * 4 + [False] * 2
 
 
 def test_topk_mask_conv_and_bad_density():
@@ -191,6 +203,75 @@ def test_nm_mask_2d_conv_uses_k_by_crs_view():
     w = _ints((4, 2, 1, 2), seed=2)  # view (4, 4): columns are (c, s) with s fastest
     m = nm_mask_2d(w)
     assert torch.equal(m.reshape(4, 4), _nm2d_reference(w.reshape(4, 4)))
+
+
+def _per_layer_mm_reference(w: torch.Tensor) -> torch.Tensor:
+    """The original single-layer scoring: one (90, 16) @ (16, T) mm, then numpy's first argmax."""
+    dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+    rows = w.shape[0]
+    R, C = rows // 4, w.numel() // rows // 4
+    pats = patterns_2d().reshape(90, 16)
+    tiles = w.reshape(R, 4, C, 4).permute(1, 3, 0, 2).reshape(16, R * C).to(dtype).abs()
+    best = np.argmax(torch.mm(pats.to(dtype), tiles).numpy(), axis=0)  # first maximum
+    keep = pats[torch.from_numpy(best)]
+    return keep.reshape(R, C, 4, 4).transpose(1, 2).reshape(w.shape)
+
+
+_MANY_SHAPES = [(384, 128), (4, 4), (8, 12), (128, 512), (16, 8, 3, 3), (12, 16, 4), (64, 4, 1, 1)]
+
+
+@pytest.mark.parametrize("make", [_ints, _normal])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nm_mask_2d_many_equals_per_layer(make, dtype):
+    for seed in range(3):
+        ws = [make(s, seed=seed + 10 * i).to(dtype) for i, s in enumerate(_MANY_SHAPES)]
+        many = nm_mask_2d_many(ws)
+        assert len(many) == len(ws)
+        for w, m in zip(ws, many):
+            assert m.dtype == torch.bool and m.shape == w.shape
+            assert torch.equal(m, nm_mask_2d(w))
+            assert torch.equal(m, _per_layer_mm_reference(w))
+
+
+def test_nm_mask_2d_many_brute_force_and_ragged_chunks(monkeypatch):
+    import corrtools.sparse.masks as masks
+
+    monkeypatch.setattr(masks, "_TILES_PER_CHUNK", 5)  # chunks straddle the weights' boundaries
+    ws = [_ints((8, 12), seed=1), _normal((4, 8), seed=2), _ints((8, 2, 1, 2), seed=3)]
+    ws += [_normal((12, 4), seed=4), _ints((8, 32), seed=5)]  # 8 tiles a strip: wider than a chunk
+    for w, m in zip(ws, masks.nm_mask_2d_many(ws)):
+        _assert_2d_valid(m)
+        assert torch.equal(m, _nm2d_reference(w))
+
+
+def test_nm_mask_2d_many_mixed_dtypes_and_empty():
+    ws = [_normal((8, 8), seed=1, dtype=torch.float16), _normal((8, 8), seed=2), _ints((4, 8), seed=3)]
+    for w, m in zip(ws, nm_mask_2d_many(ws)):
+        assert torch.equal(m, nm_mask_2d(w))
+        assert torch.equal(m, _per_layer_mm_reference(w))
+    assert nm_mask_2d_many([]) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nm_mask_2d_tiny_and_nan_values(dtype):
+    # Subnormal weights: scores that differ by one ulp near zero still rank exactly.
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    w = (_ints((16, 24), seed=9, high=3).to(dtype) * tiny).to(dtype)
+    assert torch.equal(nm_mask_2d(w), _nm2d_reference(w))
+    w = _normal((8, 8), seed=4).to(dtype)
+    w[1, 5] = float("nan")  # its tile gets some valid pattern; the other tiles are unaffected
+    m = nm_mask_2d(w)
+    _assert_2d_valid(m)
+    clean = w.clone()
+    clean[:4, 4:] = 0
+    assert torch.equal(m[4:], nm_mask_2d(clean)[4:]) and torch.equal(m[:4, :4], nm_mask_2d(clean)[:4, :4])
+
+
+def test_nm_mask_2d_many_errors_name_the_parameter():
+    with pytest.raises(CorrtoolsError, match=r"fc2\.weight.*\(6, 8\)"):
+        nm_mask_2d_many([torch.randn(8, 8), torch.randn(6, 8)], names=["fc1.weight", "fc2.weight"])
+    with pytest.raises(CorrtoolsError, match="2 weights but 1 names"):
+        nm_mask_2d_many([torch.randn(8, 8), torch.randn(8, 8)], names=["a"])
 
 
 def test_nm_mask_2d_misfit():

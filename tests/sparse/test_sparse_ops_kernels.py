@@ -55,6 +55,31 @@ def test_conv_weight_gradient_is_dense_and_scaled():
     assert torch.allclose(conv.weight.grad, torch.where(mask, w_eff.grad, 0.5 * w_eff.grad), atol=1e-5)
 
 
+def test_masked_layer_follows_every_change_of_its_mask():
+    """The forward reuses the mask converted to the weight dtype; every way the mask can change shows."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+
+    def expected(mask):
+        return F.linear(x, layer.weight.detach() * mask, layer.bias.detach())
+
+    mask_module_(layer, topk_mask(layer.weight, 0.5))
+    assert torch.equal(layer(x), expected(layer.weight_mask))
+    layer.weight_mask.logical_not_()  # in place, as the Sparsifier rewires
+    assert torch.equal(layer(x), expected(layer.weight_mask))
+    other = torch.rand(4, 8) > 0.5
+    layer.load_state_dict({**layer.state_dict(), "weight_mask": other})  # copied into the buffer
+    assert torch.equal(layer(x), expected(other))
+    layer.weight_mask = torch.ones(4, 8, dtype=torch.bool)  # a new buffer tensor
+    assert torch.equal(layer(x), expected(torch.ones(4, 8)))
+    layer.double()  # the weight's dtype changes
+    y = layer(x.double())
+    assert y.dtype == torch.float64 and torch.equal(y, F.linear(x.double(), layer.weight.detach(), layer.bias))
+    unmask_module_(layer, apply=False)
+    assert "_corrtools_mask_factor" not in vars(layer)
+
+
 def test_masked_weight_function_and_errors():
     w = torch.randn(4, 4, requires_grad=True)
     m = torch.rand(4, 4) > 0.5

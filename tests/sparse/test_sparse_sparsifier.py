@@ -11,6 +11,7 @@ from torch import nn
 
 from corrtools.errors import CorrtoolsError
 from corrtools.sparse import Fix, Regularize, Reset, Sparsifier, SparsityConfig
+from corrtools.sparse.config import Structure
 from corrtools.sparse.masks import kept_count, nm_mask_2d, topk_mask
 
 
@@ -429,3 +430,33 @@ def test_conv_model_trains_with_valid_masks(structure):
     before = model(x)
     sp.finalize()
     assert torch.equal(before, model(x))
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4", "2:4-2d", "block:4"])
+def test_structure_masks_equal_one_at_a_time(structure):
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(s, generator=g) for s in [(32, 16), (16, 16, 1, 1), (8, 32, 2, 2), (64, 32)]]
+    weights.append(torch.randint(-2, 3, (16, 16), generator=g).float())  # tie-heavy
+    names = [f"l{i}.weight" for i in range(len(weights))]
+    st = Structure.parse(structure)
+    d = st.fixed_density or 0.3
+    many = st.masks(weights, d, names)
+    assert len(many) == len(weights)
+    for w, name, m in zip(weights, names, many):
+        assert torch.equal(m, st.mask(w, d, name=name))
+
+
+def test_2to4_2d_mixed_linear_and_conv_masks_match_per_layer():
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1), nn.Identity(),
+        nn.Conv2d(32, 16, 1), nn.Flatten(), nn.Linear(16 * 2 * 2, 24), nn.Linear(24, 8), nn.Linear(8, 5),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = Sparsifier(model, opt, structure="2:4-2d")
+    assert sp.layer_names == ["0.weight", "2.weight", "4.weight", "5.weight"]
+    for _ in range(3):
+        model(torch.randn(2, 16, 2, 2)).square().mean().backward()
+        opt.step(); sp.step(); opt.zero_grad()
+        for name, m in sp.masks.items():
+            assert torch.equal(m, nm_mask_2d(model.get_parameter(name)))
