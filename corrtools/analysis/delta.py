@@ -94,6 +94,29 @@ def _window_rows(n_rows: int, window: tuple[float, float]) -> slice:
     return slice(i0, i1)
 
 
+def _analysis_selection(
+    ds_or_path: xr.Dataset | str | os.PathLike[str],
+    params: Sequence[str] | str | None,
+    window: tuple[float, float],
+    detrend: str,
+    max_lag: int | None,
+) -> tuple[xr.Dataset, np.ndarray, slice, int]:
+    """Validate and resolve what an analysis reads: (dataset, weight columns, window rows, max lag in
+    rows). The series analysed has one row fewer than the window with ``detrend="diff"``."""
+    if detrend not in DETRENDS:
+        raise CorrtoolsError(f"detrend={detrend!r} is not one of {', '.join(map(repr, DETRENDS))}; pick one of those.")
+    ds = _open(ds_or_path)
+    cols = _select_columns(ds, params)
+    rows = _window_rows(ds.sizes["step"], window)
+    T_rows = rows.stop - rows.start
+    T_eff = T_rows - 1 if detrend == "diff" else T_rows
+    if T_eff < 3:
+        raise CorrtoolsError(
+            f"the window has {T_rows} recorded steps, too few for detrend={detrend!r}; widen the window."
+        )
+    return ds, cols, rows, _check_max_lag(max_lag, T_eff)
+
+
 def _every(ds: xr.Dataset) -> int:
     try:
         return max(1, int(ds.attrs.get("every", 1)))
@@ -197,18 +220,8 @@ def delta_per_weight(
     NaN means undefined (a constant window); see ``decorrelation_time``. ``dtype`` is the FFT precision
     (default float32 for the float32 store). ``progress`` shows a tqdm bar on the numpy path.
     """
-    if detrend not in DETRENDS:
-        raise CorrtoolsError(f"detrend={detrend!r} is not one of {', '.join(map(repr, DETRENDS))}; pick one of those.")
-    ds = _open(ds_or_path)
-    cols = _select_columns(ds, params)
-    rows = _window_rows(ds.sizes["step"], window)
+    ds, cols, rows, lag = _analysis_selection(ds_or_path, params, window, detrend, max_lag)
     T_rows = rows.stop - rows.start
-    T_eff = T_rows - 1 if detrend == "diff" else T_rows
-    if T_eff < 3:
-        raise CorrtoolsError(
-            f"the window has {T_rows} recorded steps, too few for detrend={detrend!r}; widen the window."
-        )
-    lag = _check_max_lag(max_lag, T_eff)
     values = ds["values"].isel(step=rows, weight=cols)
     if values.chunks is not None:
         d_rows, cens = _delta_dask(values, lag, detrend, dtype)
@@ -411,16 +424,8 @@ def rho_by_magnitude(
     Returns a Dataset with dims (param, bin, lag): ``rho_median``, ``rho_q25``, ``rho_q75`` (NaN-aware),
     ``n_weights`` (param, bin), ``edge_low``/``edge_high`` (param, bin), coords ``lag`` (rows) and ``lag_steps``.
     """
-    if detrend not in DETRENDS:
-        raise CorrtoolsError(f"detrend={detrend!r} is not one of {', '.join(map(repr, DETRENDS))}; pick one of those.")
-    ds = _open(ds_or_path)
-    cols = _select_columns(ds, params)
-    rows = _window_rows(ds.sizes["step"], window)
+    ds, cols, rows, lag = _analysis_selection(ds_or_path, params, window, detrend, max_lag)
     T_rows = rows.stop - rows.start
-    T_eff = T_rows - 1 if detrend == "diff" else T_rows
-    if T_eff < 3:
-        raise CorrtoolsError(f"the window has {T_rows} recorded steps, too few for detrend={detrend!r}; widen the window.")
-    lag = _check_max_lag(max_lag, T_eff)
     lags = np.unique(np.round(np.geomspace(1, lag, max(2, int(n_lags)))).astype(np.int64))
     rho = np.empty((lags.size, cols.size), dtype=np.float32)
     for off, x in _iter_columns(ds, cols, rows, progress, max_block_bytes, "rho"):
