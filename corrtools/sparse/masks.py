@@ -212,21 +212,22 @@ def nm_mask_2d_many(weights: Sequence[Tensor], *, names: Sequence[str] | None = 
     return out  # type: ignore[return-value]
 
 
-def _tile_grid_2d(w: Tensor, name: str) -> tuple[int, int]:
-    """(rows, cols) of 4×4 tiles in ``w``'s 2D view; a clear error when it does not tile."""
+def _tile_grid_2d(w: Tensor, name: str, tile: int = 4, structure: str = "2:4-2d") -> tuple[int, int]:
+    """(rows, cols) of ``tile``×``tile`` tiles in ``w``'s 2D view ``(w.shape[0], -1)``; a clear error
+    naming the parameter and ``structure`` when it has no 2D view or does not tile."""
     if w.ndim < 2:
         raise CorrtoolsError(
-            f"Parameter {name!r} of shape {tuple(w.shape)} has no 2D view for 2:4-2d; "
-            "only Linear and Conv weights (2 or more dims) can be."
+            f"Parameter {name!r} of shape {tuple(w.shape)} has no 2D view for {structure}; "
+            f"only Linear and Conv weights (2 or more dims) can be {structure}."
         )
     rows = w.shape[0]
     cols = w.numel() // rows if rows else 0
-    if rows % 4 or cols % 4 or rows == 0 or cols == 0:
+    if rows % tile or cols % tile or rows == 0 or cols == 0:
         raise CorrtoolsError(
-            f"Parameter {name!r} of shape {tuple(w.shape)} cannot be 2:4-2d: its 2D view "
-            f"({rows}, {cols}) must have both sides multiples of 4; exclude it."
+            f"Parameter {name!r} of shape {tuple(w.shape)} cannot be {structure}: its 2D view "
+            f"({rows}, {cols}) must have both sides multiples of {tile}; exclude it."
         )
-    return rows // 4, cols // 4
+    return rows // tile, cols // tile
 
 
 def _score_dtype(w: Tensor) -> torch.dtype:
@@ -286,19 +287,7 @@ def block_mask(w: Tensor, density: float, block: int, *, name: str = "weight") -
     _check_density(density, name)
     if block not in BLOCK_SIZES:
         raise CorrtoolsError(f"Block size {block!r} is not supported; use one of {BLOCK_SIZES}.")
-    if w.ndim < 2:
-        raise CorrtoolsError(
-            f"Parameter {name!r} of shape {tuple(w.shape)} has no 2D view for block:{block}; "
-            "only Linear and Conv weights (2 or more dims) can be block sparse."
-        )
-    rows = w.shape[0]
-    cols = w.numel() // rows if rows else 0
-    if rows % block or cols % block or rows == 0 or cols == 0:
-        raise CorrtoolsError(
-            f"Parameter {name!r} of shape {tuple(w.shape)} cannot be block:{block}: its 2D view "
-            f"({rows}, {cols}) must have both sides multiples of {block}; exclude it."
-        )
-    R, C = rows // block, cols // block
+    R, C = _tile_grid_2d(w, name, tile=block, structure=f"block:{block}")
     scores = w.detach().reshape(R, block, C, block).abs().amax(dim=(1, 3))  # (R, C)
     keep = topk_mask(scores, density, name=name)
     return keep[:, None, :, None].expand(R, block, C, block).reshape(w.shape)
