@@ -1,7 +1,8 @@
 """corrtools.analysis: ρ(τ), Δ, and Δ per bin of final |w| from a run store.
 
 Kernels (pure, arrays in and out) are in ``correlation``; ``magnitude`` bins and takes medians;
-``delta`` reads a store and returns xarray results; ``plot`` draws them.
+``delta`` reads a store and returns xarray results; ``plot`` draws them; ``suggest`` turns Δ into
+RESET's interval z (``suggest_z``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from corrtools.analysis.delta import (
     summarize_by_magnitude,
 )
 from corrtools.analysis.plot import format_table, plot_delta, plot_rho
+from corrtools.analysis.suggest import suggest_z
 
 __all__ = [
     "decorrelation_time",
@@ -28,5 +30,6 @@ __all__ = [
     "plot_rho",
     "rho_by_magnitude",
     "save_delta",
+    "suggest_z",
     "summarize_by_magnitude",
 ]

@@ -9,6 +9,7 @@ e.g. a weight that never moved) are left out of the median and counted as ``unde
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from corrtools.errors import CorrtoolsError
 
-__all__ = ["BINNINGS", "Binning", "BinStats", "bin_edges", "assign_bins", "binned_median"]
+__all__ = ["BINNINGS", "Binning", "BinStats", "bin_edges", "assign_bins", "binned_median", "censored_quantile"]
 
 Binning = Literal["quantile", "log", "linear"]
 BINNINGS: tuple[str, ...] = ("quantile", "log", "linear")
@@ -83,6 +84,35 @@ class BinStats:
     median_censored: NDArray[np.bool_]  # ≥ half censored: the median is a lower bound
 
 
+def censored_quantile(
+    delta: ArrayLike, censored: ArrayLike, q: float = 0.5
+) -> tuple[float, float, bool, int]:
+    """The q-quantile of Δ (N,) whose censored entries sit at max_lag; NaN (undefined) left out.
+
+    Returns (value, censored fraction of the defined series, lower_bound, defined count). The quantile
+    (``np.quantile``'s linear interpolation) is exact when every order statistic it reads is
+    uncensored, i.e. when ``ceil(q·(n-1)) < n_uncensored``; otherwise it is a lower bound (for the
+    median: when at least half are censored). No defined series: (NaN, NaN, False, 0).
+
+    >>> censored_quantile([1.0, 2.0, 3.0, 8.0, np.nan], [0, 0, 0, 1, 0])
+    (2.5, 0.25, False, 4)
+    >>> censored_quantile([4.0, 8.0, 8.0], [0, 1, 1])
+    (8.0, 0.6666666666666666, True, 3)
+    """
+    if not 0.0 <= float(q) <= 1.0:
+        raise CorrtoolsError(f"q={q} must be a quantile in [0, 1], e.g. 0.5 for the median.")
+    d = np.asarray(delta, dtype=np.float64).reshape(-1)
+    c = np.asarray(censored, dtype=bool).reshape(-1)
+    defined = np.isfinite(d)
+    d, c = d[defined], c[defined]
+    n = d.size
+    if n == 0:
+        return math.nan, math.nan, False, 0
+    n_cens = int(c.sum())
+    hi = math.ceil(float(q) * (n - 1))  # the highest order statistic np.quantile reads
+    return float(np.quantile(d, float(q))), n_cens / n, hi >= n - n_cens, n
+
+
 def _bootstrap_median(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """(n_boot,) medians of resamples (with replacement) of values (n,), in bounded batches."""
     n = values.size
@@ -143,10 +173,7 @@ def binned_median(
         vals = vals[defined]
         if vals.size == 0:
             continue
-        cens = c[sel][defined]
-        cfrac[k] = float(cens.mean())
-        med[k] = float(np.median(vals))
-        med_cens[k] = bool(cens.mean() >= 0.5)
+        med[k], cfrac[k], med_cens[k], _ = censored_quantile(vals, c[sel][defined], 0.5)
         jobs.append((k, vals))
 
     def interval(job: tuple[int, np.ndarray]) -> None:

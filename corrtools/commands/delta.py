@@ -2,6 +2,7 @@
 
     corrtools delta run.zarr [-o delta.png] [--param NAME ...] [--bins 10] [--density 0.5]
                              [--window 0.5:1] [--detrend linear] [--csv out.csv | --json]
+    corrtools delta run.zarr --suggest-z --density 0.25 [--csv z.csv | --json]
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="shade the weights removable at this density d (default 0.5)")
     p.add_argument("--ci", type=float, default=0.95, help="bootstrap interval level (default 0.95)")
     p.add_argument("--save", action="store_true", help="also write the results into the store as group 'delta'")
+    p.add_argument("--suggest-z", action="store_true",
+                   help="instead of the figure, print the RESET interval z the run implies at --density: the "
+                   "median Δ (optimizer steps) of the weights below each layer's (1-d) quantile of final |w|")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     out.add_argument("--json", action="store_true", help="print the table as JSON instead of text")
@@ -73,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from corrtools.analysis.plot import check_density, check_figure_path, format_table, plot_delta, table_rows
 
     window = parse_window(args.window)
+    if args.suggest_z:
+        return _suggest_z(args, window)
     check_figure_path(args.output)  # fail before the work, not after
     check_density(args.density)
     if args.csv and not Path(args.csv).resolve().parent.exists():
@@ -97,6 +103,46 @@ def run(args: argparse.Namespace) -> int:
             w.writeheader()
             w.writerows(rows)
     return 0
+
+
+def _suggest_z(args: argparse.Namespace, window: tuple[float, float]) -> int:
+    from corrtools.analysis.suggest import suggest_z, z_rows
+
+    if not 0.0 < args.density < 1.0:
+        raise CorrtoolsError(f"--density {args.density} must lie in (0, 1) with --suggest-z, e.g. 0.25")
+    if args.csv and not Path(args.csv).resolve().parent.exists():
+        raise CorrtoolsError(f"the folder for --csv {args.csv!r} does not exist; create it first")
+    res = suggest_z(args.store, args.density, params=args.param, window=window, max_lag=args.max_lag,
+                    detrend=args.detrend, progress=not args.no_progress)
+    rows = z_rows(res)
+    if args.json:
+        json.dump({"attrs": _plain(res.attrs), "rows": rows}, sys.stdout, indent=1)
+        print()
+    else:
+        print(_format_z(res, rows))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+def _format_z(res: object, rows: list[dict]) -> str:
+    a = res.attrs  # type: ignore[attr-defined]
+    head = (f"# suggested RESET interval z at density {a['density']:g}: median Δ (optimizer steps) of the "
+            f"weights below each layer's {1 - a['density']:.0%} quantile of final |w|; T={a['T']} recorded "
+            f"steps (every {a['every']}), max_lag={a['max_lag_steps']} steps, detrend={a['detrend']}; "
+            "≥: a lower bound (at least half censored)")
+    table = [["param", "weights", "censored", "z"]]
+    for r in rows:
+        z = "nan" if r["z"] is None else ("≥" if r["lower_bound"] else "") + f"{r['z']:.0f}"
+        cens = "nan" if r["censored_fraction"] is None else f"{r['censored_fraction']:.0%}"
+        table.append([r["param"], str(r["n_weights"]), cens, z])
+    widths = [max(len(row[j]) for row in table) for j in range(4)]
+    lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
+             for row in table]
+    return "\n".join([head, *lines])
 
 
 def _plain(attrs: dict) -> dict:

@@ -36,7 +36,7 @@ from torch import nn
 
 from corrtools.errors import CorrtoolsError
 from corrtools.record.sampling import ParamFilter, SampleSpec, plan_samples
-from corrtools.record.store import PathLike, RunWriter, default_chunks, open_run
+from corrtools.record.store import Z, PathLike, RunWriter, default_chunks, open_run, z_for_rows
 
 __all__ = ["Recorder"]
 
@@ -55,9 +55,10 @@ class _Block:
     lr: np.ndarray              # (chunk_steps,) float64
     k: int = 0                  # rows filled
     event: Any = None           # CUDA event after the last copy into this block
+    z: np.ndarray | None = None # (k,) RESET interval per row, set at submission when one was logged
 
     def reset(self) -> None:
-        self.k, self.event = 0, None
+        self.k, self.event, self.z = 0, None, None
         self.loss_sum[:] = 0.0
         self.loss_n[:] = 0
         self.lr[:] = np.nan
@@ -208,6 +209,7 @@ class Recorder:
         self._error: BaseException | None = None
         self._reported = False
         self._loss_seen = False
+        self._z_changes: list[tuple[int, float]] = []  # (from step, z) logged by log_z
         cuda = any(g.device.type == "cuda" for g in self._groups)
         self._free: queue.Queue[_Block] = queue.Queue()
         for _ in range(queue_blocks + 2):  # one filling, `queue_blocks` queued, one being written
@@ -288,6 +290,21 @@ class Recorder:
             self._pending_add(loss)
         else:
             raise self._too_late(s)
+
+    def log_z(self, z: int | None, step: int | None = None) -> None:
+        """The RESET interval ``z`` (optimizer steps; None: no reset) in effect from step ``step`` on
+        (default: the most recent step), stored as the run's ``z`` (step,) array. A Sparsifier given
+        ``recorder=`` calls it whenever its z is chosen."""
+        self._raise_if_failed()
+        self._check_open()
+        s = self.step if step is None else int(step)
+        written = self._current_prev if self._current is not None else self._last_row_step
+        if s <= written:
+            raise CorrtoolsError(
+                f"z for step {s} comes too late: the row of step {written} is already written; log z "
+                "from the next step on"
+            )
+        self._z_changes.append((s, math.nan if z is None else float(z)))
 
     @staticmethod
     def _too_late(step: int) -> CorrtoolsError:
@@ -371,6 +388,8 @@ class Recorder:
                     raise RuntimeError(f"corrtools Recorder: the writer thread of {self.path} stopped") from self._error
 
     def _submit(self, block: _Block) -> None:
+        if self._z_changes:  # every change for these rows is known: it was logged before the next row
+            block.z = z_for_rows(block.steps[: block.k], self._z_changes)
         if any(g.device.type == "cuda" for g in self._groups):
             block.event = torch.cuda.Event()
             block.event.record()
@@ -421,6 +440,8 @@ class Recorder:
             self._loss_seen = True
             with np.errstate(invalid="ignore", divide="ignore"):
                 optional["loss"] = np.where(n > 0, block.loss_sum[:k] / np.maximum(n, 1), np.nan).astype(np.float32)
+        if block.z is not None:
+            optional[Z] = block.z
         self._writer.write_block(block.steps[:k], block.values[:k], optional)
 
     # ------------------------------------------------------------------------ lifecycle

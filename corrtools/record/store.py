@@ -10,7 +10,9 @@ A run store is a Zarr v3 group (see DESIGN.md, "The run store, format 1")::
     index   (weight,)        int64    flat index inside that parameter
     initial (weight,)        float32  value before the first step
     final   (weight,)        float32  value when the run closed (NaN while recording)
-    optional arrays with a leading `step` dimension, e.g. loss (step,), lr (step,), mask (step, weight)
+    optional arrays with a leading `step` dimension, e.g. loss (step,), lr (step,), mask (step, weight),
+            z (step,) float32: the RESET interval (optimizer steps) in effect after the row's step, NaN
+            where none (see `z_for_rows`)
     subgroups for results, e.g. `delta/` (see `write_group`)
 
 Durability. Rows are committed one block at a time, and the length of `step` is the commit record:
@@ -53,9 +55,12 @@ __all__ = [
     "read_group",
     "run_info",
     "write_group",
+    "Z",
+    "z_for_rows",
 ]
 
 FORMAT = 1
+Z = "z"  # the optional (step,) array of the RESET interval in effect; see `z_for_rows`
 STEP, WEIGHT = "step", "weight"
 _CORE = ("step", "values", "param", "index", "initial", "final")
 _LOCK_PATH = ("step", "writer.lock")  # inside an array's folder, where Zarr readers never list
@@ -234,6 +239,16 @@ def open_run(path: PathLike, chunks: None | str | Mapping[str, int] = None) -> x
     attrs = dict(group.attrs)
     attrs["steps_written"] = n
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def z_for_rows(steps: np.ndarray, changes: Sequence[tuple[int, float]]) -> np.ndarray:
+    """The `z` column (k,) float32 for rows taken after `steps` (k,): the value of the last change
+    ``(from_step, z)`` with from_step <= the row's step (changes in the order made; NaN before the first
+    and for z = NaN, i.e. no reset)."""
+    out = np.full(len(steps), np.nan, dtype=np.float32)
+    for first, z in changes:  # later changes overwrite earlier ones from their step on
+        out[np.asarray(steps) >= first] = z
+    return out
 
 
 # ------------------------------------------------------------------------------------- writing
