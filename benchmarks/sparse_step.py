@@ -11,6 +11,13 @@ Prints the median step time of each (ms), its ratio to dense (goal <= 1.15x), th
 ``Sparsifier.step()``, and the throughput of ``nm_mask_2d`` on a 4096x4096 float32 weight
 (weights/s; goal >= 1e8). ``--quick`` runs a tiny version in seconds.
 
+Then the cost of ``Reset(every="auto")`` on top of the fixed-z sparse step (goal <= 2% over a run):
+RESET z=100 and RESET auto (default ``AutoZ``), both unstructured d=0.25, alternated as above; the
+auto run is inside its first window all along, so every one of its steps gathers its sample (the
+most expensive phase). Then the time of one estimate at the default window over the workload's
+layers, and the share of step time both take over a run with the defaults: gathering in ``window``
+of every ``reestimate_every`` steps, plus one estimate per ``reestimate_every`` steps.
+
     python benchmarks/sparse_step.py [--quick]
 """
 from __future__ import annotations
@@ -22,7 +29,8 @@ from collections.abc import Callable
 
 import torch
 
-from corrtools.sparse import Sparsifier
+from corrtools.sparse import AutoZ, Reset, Sparsifier
+from corrtools.sparse.autoz import ZEstimator
 from corrtools.sparse.masks import nm_mask_2d
 from corrtools.workloads import CharLMConfig, CharLMWorkload
 
@@ -42,10 +50,19 @@ def _timed(fn: Callable[[], None], clock: list[float]) -> Callable[[], None]:
     return wrapped
 
 
-def step_times(cfg: CharLMConfig, rounds: int, block: int, warmup: int) -> list[tuple[str, float, float]]:
+def auto_variants(auto: AutoZ) -> list[tuple[str, dict | None]]:
+    return [
+        ("RESET z=100 d=0.25", dict(density=0.25, exploit=Reset(every=100))),
+        ("RESET auto d=0.25", dict(density=0.25, exploit=Reset(every="auto", auto=auto))),
+    ]
+
+
+def step_times(
+    cfg: CharLMConfig, rounds: int, block: int, warmup: int, variants: list[tuple[str, dict | None]] = VARIANTS
+) -> list[tuple[str, float, float]]:
     """(name, median ms per step, median ms per step inside Sparsifier.step) for each variant."""
     runs = []
-    for name, kwargs in VARIANTS:
+    for name, kwargs in variants:
         wl = CharLMWorkload(cfg)
         sp = Sparsifier(wl.model, wl.optimizer, total_steps=cfg.steps, **kwargs) if kwargs else None
         clock = [0.0]
@@ -76,6 +93,27 @@ def mask_throughput(side: int, repeats: int) -> tuple[float, float]:
     return best, side * side / best
 
 
+def estimate_ms(cfg: CharLMConfig, auto: AutoZ, repeats: int) -> tuple[float, int]:
+    """(best ms of one z estimate, sampled weights) over the workload's sparse layers, window full."""
+    wl = CharLMWorkload(cfg)
+    sp = Sparsifier(wl.model, None, density=0.25)
+    weights = {name: dict(wl.model.named_parameters())[name] for name in sp.layer_names}
+    est = ZEstimator(auto, weights)
+    masks = list(sp.masks.values())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in range(1, auto.window + 1):  # a window of moving weights, so Δ is defined
+            for w in weights.values():
+                w.add_(torch.randn(w.shape, generator=g), alpha=1e-3)
+            est.observe(t, list(weights.values()), masks)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        est._estimate(auto.window)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3, est.n_sampled
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and matrix, runs in seconds")
@@ -95,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<24} {ms:8.2f} ms/step  {ms / dense:5.2f}x dense  (Sparsifier.step {inside:6.2f} ms)")
     seconds, rate = mask_throughput(side, repeats)
     print(f"nm_mask_2d {side}x{side} float32: {seconds * 1e3:.1f} ms, {rate:.3g} weights/s")
+
+    auto = AutoZ(window=64, reestimate_every=512) if args.quick else AutoZ()  # quick: inside its first window too
+    (fixed_name, fixed, _), (auto_name, recording, _) = step_times(cfg, rounds, block, warmup, auto_variants(auto))
+    est_ms, k = estimate_ms(cfg, auto, repeats)
+    gather = max(recording - fixed, 0.0)
+    share = (auto.window * gather + est_ms) / (auto.reestimate_every * fixed)
+    print(f"{fixed_name:<24} {fixed:8.2f} ms/step")
+    print(f"{auto_name:<24} {recording:8.2f} ms/step  {recording / fixed:5.3f}x fixed z while gathering")
+    print(f"auto z estimate: {est_ms:.1f} ms per estimate (window {auto.window} steps x {k} sampled weights)")
+    print(f"auto z share of step time over a run: {share:.3%} (gathering in {auto.window} of every "
+          f"{auto.reestimate_every} steps + one estimate; goal <= 2%)")
     return 0
 
 

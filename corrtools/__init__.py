@@ -21,6 +21,8 @@ _LAZY: dict[str, str] = {
     "Fix": "corrtools.sparse.exploit",
     "Reset": "corrtools.sparse.exploit",
     "Regularize": "corrtools.sparse.exploit",
+    "AutoZ": "corrtools.sparse.autoz",
+    "suggest_z": "corrtools.analysis.suggest",
     "CorrtoolsError": "corrtools.errors",
 }
 

@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+from corrtools.sparse.autoz import AutoZ, ZEstimate
 from corrtools.sparse.config import SparsityConfig, Structure
 from corrtools.sparse.exploit import Fix, Regularize, Reset
 from corrtools.sparse.kernels import is_2to4, semi_structured_candidates, to_semi_structured_
@@ -27,6 +28,7 @@ from corrtools.sparse.ops import mask_module_, masked_weight, unmask_module_
 from corrtools.sparse.sparsifier import LayerReport, Sparsifier
 
 __all__ = [
+    "AutoZ",
     "Fix",
     "LayerReport",
     "Regularize",
@@ -34,6 +36,7 @@ __all__ = [
     "Sparsifier",
     "SparsityConfig",
     "Structure",
+    "ZEstimate",
     "block_mask",
     "is_2to4",
     "mask_module_",

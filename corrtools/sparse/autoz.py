@@ -186,6 +186,7 @@ class ZEstimator:
         self._last_row = -1  # step of the last recorded row
         self._clean = 0  # consecutive rows recorded since the last reset (uncut)
         self._warned: set[str] = set()
+        self._stacklevel = 4  # warnings point at observe's caller; an owner adds its own frames
 
     @property
     def n_sampled(self) -> int:
@@ -196,7 +197,6 @@ class ZEstimator:
         """Whether resets are held back at ``step``: the window before a due estimate."""
         return step > self._due - self.config.window
 
-    @torch.no_grad()
     def observe(self, step: int, weights: Sequence[Tensor], masks: Sequence[Tensor]) -> ZEstimate | None:
         """Record step ``step`` (weights after the optimizer step, masks of its forward pass) if it
         falls in an estimation window, and estimate z once the window is complete and uncut.
@@ -210,7 +210,7 @@ class ZEstimator:
         row = step % self.config.window
         for w, m, idx, vals, msk in zip(weights, masks, self._index, self._values, self._masks):
             vals[row].copy_(w.detach().reshape(-1).index_select(0, idx))
-            msk[row].copy_(m.reshape(-1).index_select(0, idx))
+            msk[row].copy_(m.detach().reshape(-1).index_select(0, idx))
         self._last_row = step
         self._clean += 1
         if step >= self._due and self._clean >= self.config.window:
@@ -270,7 +270,7 @@ class ZEstimator:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=5)  # the caller of observe (through no_grad)
+            warnings.warn(message, stacklevel=self._stacklevel)
 
     # ----------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:

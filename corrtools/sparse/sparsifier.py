@@ -8,12 +8,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import Tensor, nn
 
 from corrtools.errors import CorrtoolsError, close_matches
+from corrtools.sparse.autoz import ZEstimate, ZEstimator
 from corrtools.sparse.config import SparsityConfig, Structure
 from corrtools.sparse.exploit import (
     Exploit,
@@ -25,6 +26,9 @@ from corrtools.sparse.exploit import (
     zero_optimizer_state_,
 )
 from corrtools.sparse.ops import MASK_BUFFER, MASKABLE, is_masked, mask_module_, unmask_module_
+
+if TYPE_CHECKING:
+    from corrtools.record.recorder import Recorder
 
 __all__ = ["LayerReport", "Selector", "Sparsifier"]
 
@@ -88,6 +92,11 @@ class Sparsifier:
     ``torch.amp.GradScaler`` skipped does nothing), and ``Reset(reset_optimizer_state=True)`` resets
     its first moments. With ``optimizer=None`` every ``step()`` counts.
 
+    ``Reset(every="auto")`` chooses z during training from the measured decorrelation time of n
+    (:mod:`corrtools.sparse.autoz`): ``sp.z`` is the interval in use, ``sp.z_history`` the estimates.
+    ``recorder``: a :class:`~corrtools.Recorder` of the same run; with RESET, each z chosen is written
+    to its store (``z (step,)``).
+
     Order within a step, as Algorithm 1: the forward pass uses the current masks (p, n); after
     ``optimizer.step()``, ``sp.step()`` applies FIX / RESET / REGULARIZE to that n, then recomputes
     the masks for the next step. The masks built in ``__init__`` are step 1's.
@@ -116,6 +125,7 @@ class Sparsifier:
         total_steps: int | None = None,
         include: Selector | None = None,
         exclude: Selector | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.config = SparsityConfig(
             density=density,
@@ -177,6 +187,16 @@ class Sparsifier:
         if optimizer is not None:  # to tell the steps GradScaler skipped (the optimizer did not step)
             self._step_flag = _StepFlag()
             self._step_hook = optimizer.register_step_post_hook(self._step_flag)
+        exploit_ = self.config.exploit
+        self._autoz = (
+            ZEstimator(exploit_.auto, {n: layer.weight for n, layer in self._layers.items()})  # type: ignore[arg-type]
+            if isinstance(exploit_, Reset) and exploit_.is_auto
+            else None
+        )
+        if self._autoz is not None:
+            self._autoz._stacklevel += 2  # its warnings point at the caller of sp.step (via no_grad)
+        self._recorder = recorder
+        self._log_z(self._step + 1)
 
     # ----------------------------------------------------------------- the training step
     @torch.no_grad()
@@ -195,6 +215,11 @@ class Sparsifier:
             return
         self._step += 1
         t = self._step
+        if self._autoz is not None:  # this step's values and the masks of its forward pass
+            layers = list(self._layers.values())
+            est = self._autoz.observe(t, [x.weight for x in layers], [x.mask for x in layers])
+            if est is not None and est.z is not None:
+                self._log_z(t)
         self._exploit(t)
         if t % self.config.rewire_every == 0 and (self._fix_step is None or t < self._fix_step):
             self._rewire()
@@ -225,13 +250,16 @@ class Sparsifier:
                 for layer in self._layers.values():
                     zero_nonparticipating_(layer.weight, layer.mask)
         elif isinstance(exploit, Reset):
-            if exploit.due(t):
+            auto = self._autoz
+            if auto.reset_due(t) if auto is not None else exploit.due(t):
                 for layer in self._layers.values():
                     zero_nonparticipating_(layer.weight, layer.mask)
                     if exploit.reset_optimizer_state:
                         optimizer = self.optimizer
                         assert optimizer is not None  # checked in __init__
                         zero_optimizer_state_(optimizer, layer.weight, layer.mask)
+                if auto is not None:
+                    auto.note_reset(t)
         elif isinstance(exploit, Regularize):
             for layer in self._layers.values():
                 decay_nonparticipating_(layer.weight, layer.mask, exploit.beta)
@@ -255,7 +283,26 @@ class Sparsifier:
             layer.rewired_total.add_(layer.rewired_last)
             mask.copy_(new)  # in place: the buffer stays the same tensor
 
+    def _log_z(self, step: int) -> None:
+        """Tell the recorder, if any, the RESET interval in effect from ``step`` on."""
+        if self._recorder is not None and isinstance(self.config.exploit, Reset):
+            self._recorder.log_z(self.z, step=step)
+
     # ----------------------------------------------------------------- inspection
+    @property
+    def z(self) -> int | None:
+        """RESET's interval in use (optimizer steps): the fixed z, or with ``Reset(every="auto")`` the
+        latest estimate (None before the first: no reset yet); None without RESET."""
+        exploit = self.config.exploit
+        if not isinstance(exploit, Reset):
+            return None
+        return self._autoz.z if self._autoz is not None else exploit.every  # type: ignore[return-value]
+
+    @property
+    def z_history(self) -> list[ZEstimate]:
+        """Every estimate of z so far (``Reset(every="auto")``; empty otherwise), oldest first."""
+        return list(self._autoz.history) if self._autoz is not None else []
+
     @property
     def steps_done(self) -> int:
         """Number of ``step()`` calls so far (optimizer steps)."""
@@ -297,13 +344,17 @@ class Sparsifier:
 
     # ----------------------------------------------------------------- persistence and the end
     def state_dict(self) -> dict[str, Any]:
-        """The Sparsifier's own state (config, step, rewiring counts); the masks are in the model's."""
-        return {
+        """The Sparsifier's own state (config, step, rewiring counts, auto z's z and history); the
+        masks are in the model's."""
+        state = {
             "config": self.config.to_dict(),
             "step": self._step,
             "rewired_last": {n: int(layer.rewired_last) for n, layer in self._layers.items()},
             "rewired_total": {n: int(layer.rewired_total) for n, layer in self._layers.items()},
         }
+        if self._autoz is not None:
+            state["autoz"] = self._autoz.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (load the model's state_dict for the masks)."""
@@ -321,6 +372,9 @@ class Sparsifier:
         for name, layer in self._layers.items():
             layer.rewired_last.fill_(int(state["rewired_last"][name]))
             layer.rewired_total.fill_(int(state["rewired_total"][name]))
+        if self._autoz is not None:
+            self._autoz.load_state_dict(state["autoz"])
+            self._log_z(self._step + 1)
 
     def finalize(self) -> None:
         """Zero the non-participating weights and remove all masking: a plain model, same outputs."""

@@ -1,18 +1,26 @@
-"""The z estimator behind Reset(every="auto"): known decorrelation times, uncut windows, bad settings."""
+"""Reset(every="auto"): the z estimator on known decorrelation times, uncut windows, bad settings; and
+inside the Sparsifier: every structure, resume, the run store's z, the docs' examples."""
 from __future__ import annotations
 
+import copy
 import doctest
 import math
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import corrtools.sparse.autoz as autoz_mod
+from corrtools import Recorder, open_run
 from corrtools.analysis.correlation import DETRENDS, decorrelation_time
 from corrtools.errors import CorrtoolsError
 from corrtools.sparse.autoz import AutoZ, ZEstimate, ZEstimator
+from corrtools.sparse import Sparsifier
 from corrtools.sparse.exploit import Reset, exploit_from_dict
 from corrtools.sparse.masks import topk_mask
 
@@ -245,3 +253,168 @@ def test_estimator_refuses_bad_input() -> None:
 
 def test_docstring_examples_run() -> None:
     assert doctest.testmod(autoz_mod).failed == 0
+
+
+# ------------------------------------------------------------------ inside the Sparsifier
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "autoz.md"
+
+
+def test_sparsifier_auto_z_recovers_L_and_resets_every_z() -> None:
+    """The first layer's weights move by MA(L) increments, the optimizer does nothing."""
+    L, W = 12, 256
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 1))
+    sp = Sparsifier(model, None, density=0.5, exploit=Reset(every="auto", auto=AutoZ(window=W, reestimate_every=2 * W)))
+    w = model[0].weight
+    with torch.no_grad():
+        ma = MovingAverage(L, w.numel(), seed=3)
+        w.copy_(ma.m.reshape(64, 64))
+        zero_steps = []
+        for t in range(1, 3 * W + 1):
+            before = ma.m.clone()
+            ma.advance()
+            w.view(-1).add_((ma.m - before).float())
+            n = ~sp.masks["0.weight"]  # the n of this step's forward pass
+            sp.step()
+            if bool((w[n] == 0).all()):
+                zero_steps.append(t)
+    assert [e.step for e in sp.z_history] == [W, 3 * W]
+    for e in sp.z_history:
+        assert 0.75 * L <= e.z <= 1.25 * L, e
+    z = sp.z_history[0].z
+    assert sp.z == sp.z_history[-1].z
+    # resets: at the first estimate, then every z steps, none inside the held-back window 2W+1..3W
+    expected = list(range(W, 2 * W + 1, z)) + [3 * W]
+    assert zero_steps == expected
+
+
+@pytest.mark.filterwarnings("ignore:auto z")
+@pytest.mark.parametrize("structure", ["unstructured", "2:4", "2:4-2d", "block:4"])
+def test_auto_z_works_with_every_structure(structure) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = Sparsifier(model, opt, density=None if "2:4" in structure else 0.25, structure=structure,
+                    exploit=Reset(every="auto", auto=AutoZ(window=16, reestimate_every=32, sample=64)))
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    for _ in range(50):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        sp.step()
+        opt.zero_grad()
+    assert [e.step for e in sp.z_history] == [16, 48]
+    assert all(1 <= e.z <= 8 and e.weights > 0 for e in sp.z_history)
+    assert sp.z == sp.z_history[-1].z
+
+
+def _train(model, opt, sp, steps, start=0):
+    for t in range(start, start + steps):
+        g = torch.Generator().manual_seed(t)
+        F.mse_loss(model(torch.randn(32, 16, generator=g)), torch.randn(32, 1, generator=g)).backward()
+        opt.step()
+        sp.step()
+        opt.zero_grad()
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = Sparsifier(model, opt, density=0.25, exploit=Reset(every="auto", auto=AutoZ(window=16, reestimate_every=40)))
+    return model, opt, sp
+
+
+def _key(history):
+    return [(e.step, e.first_step, e.z, e.delta, e.weights) for e in history]  # all but the seconds
+
+
+def _resumed(saved, steps, start):
+    model, opt, sp = _setup(seed=1)  # other initial weights: everything must come from the state
+    model.load_state_dict(saved[1])
+    opt.load_state_dict(saved[2])
+    sp.load_state_dict(saved[0])
+    _train(model, opt, sp, steps, start=start)
+    return model, sp
+
+
+def _saved(model, opt, sp):
+    """Copies of the three state dicts (an optimizer's state_dict shares its live buffers)."""
+    return copy.deepcopy((sp.state_dict(), model.state_dict(), opt.state_dict()))
+
+
+@pytest.mark.filterwarnings("ignore:auto z")
+def test_resume_continues_with_the_same_z_and_history() -> None:
+    """Saved at step 30 (z from the estimate at 16, next window 41..56): the resumed run matches the
+    uninterrupted one exactly, weights included."""
+    model, opt, sp = _setup()
+    _train(model, opt, sp, 30)
+    saved = _saved(model, opt, sp)
+    assert saved[0]["autoz"]["z"] == sp.z is not None
+    _train(model, opt, sp, 60, start=30)
+    model2, sp2 = _resumed(saved, 60, 30)
+    assert [e.step for e in sp.z_history] == [16, 56]
+    assert _key(sp2.z_history) == _key(sp.z_history) and sp2.z == sp.z
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:auto z")
+def test_resume_inside_a_window_collects_a_new_one() -> None:
+    """Saved at step 50, inside the window 41..56: the buffer is not saved, so resets stay held back
+    until 16 uncut steps exist again (51..66), and the estimate comes at step 66."""
+    model, opt, sp = _setup()
+    _train(model, opt, sp, 50)
+    _, sp2 = _resumed(_saved(model, opt, sp), 30, 50)
+    assert [e.step for e in sp2.z_history] == [16, 66]
+    assert sp2.z_history[1].first_step == 51
+
+
+def test_fixed_z_has_no_history() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    sp = Sparsifier(model, None, density=0.5, exploit=Reset(every=7))
+    assert sp.z == 7 and sp.z_history == [] and "autoz" not in sp.state_dict()
+    assert Sparsifier(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1)), None, density=0.5).z is None
+
+
+@pytest.mark.filterwarnings("ignore:auto z")
+def test_recorder_stores_the_chosen_z(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with Recorder(model, tmp_path / "run.zarr", sample=8, chunk_steps=8).attach(opt) as rec:
+        sp = Sparsifier(model, opt, density=0.25, recorder=rec,
+                        exploit=Reset(every="auto", auto=AutoZ(window=16, reestimate_every=40)))
+        _train(model, opt, sp, 70)
+    ds = open_run(tmp_path / "run.zarr")
+    steps, z = ds["step"].values, ds["z"].values
+    e1, e2 = sp.z_history
+    assert np.isnan(z[steps < e1.step]).all()
+    assert (z[(steps >= e1.step) & (steps < e2.step)] == e1.z).all() and (z[steps >= e2.step] == e2.z).all()
+
+
+def test_recorder_stores_a_fixed_z(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Recorder(model, tmp_path / "run.zarr", sample=8).attach(opt) as rec:
+        sp = Sparsifier(model, opt, density=0.25, recorder=rec, exploit=Reset(every=5))
+        _train(model, opt, sp, 12)
+    assert (open_run(tmp_path / "run.zarr")["z"].values == 5).all()
+
+
+@pytest.mark.filterwarnings("ignore:auto z")
+def test_docs_examples_run(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    exec(compile(blocks[0], str(DOCS), "exec"), namespace)
+    # the offline example needs a recorded run: record one, then run it as written
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with Recorder(model, "run.zarr", sample=64).attach(opt):
+        for _ in range(40):
+            F.mse_loss(model(torch.randn(8, 16)), torch.randn(8, 1)).backward()
+            opt.step()
+            opt.zero_grad()
+    exec(compile(blocks[1], str(DOCS), "exec"), namespace)
+    assert float(namespace["res"]["z_all"]) > 0

@@ -1,6 +1,7 @@
 """The sparse benchmarks' quick modes run and print lines that parse."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@functools.lru_cache(maxsize=None)  # each script's quick mode runs once per session
 def _run(script: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
@@ -36,3 +38,13 @@ def test_semi_structured_quick():
         assert out.strip() == "no CUDA device"
     else:
         assert re.search(r"speed-up\s+[\d.]+x", out) or "no Sparse Tensor Cores" in out
+
+
+def test_sparse_step_quick_prints_the_cost_of_auto_z():
+    out = _run("sparse_step.py")
+    fixed = re.search(r"^RESET z=100 d=0.25\s+([\d.]+) ms/step$", out, re.M)
+    auto = re.search(r"^RESET auto d=0.25\s+([\d.]+) ms/step\s+([\d.]+)x fixed z while gathering$", out, re.M)
+    est = re.search(r"^auto z estimate: ([\d.]+) ms per estimate \(window 64 steps x (\d+) sampled weights\)$", out, re.M)
+    share = re.search(r"^auto z share of step time over a run: ([\d.]+)% \(gathering in 64 of every 512 steps", out, re.M)
+    assert fixed and auto and est and share
+    assert float(est.group(1)) > 0 and int(est.group(2)) > 0 and float(share.group(1)) >= 0
