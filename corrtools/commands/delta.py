@@ -10,6 +10,7 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from corrtools.errors import CorrtoolsError
@@ -90,19 +91,24 @@ def run(args: argparse.Namespace) -> int:
     plot_delta(res, args.output, density=args.density)
     if args.save:
         save_delta(args.store, res)
-    rows = table_rows(res)
+    _emit(args, res.attrs, table_rows(res), lambda: format_table(res))
+    if not args.json:
+        print(f"# figure: {args.output}", file=sys.stderr)
+    return 0
+
+
+def _emit(args: argparse.Namespace, attrs: dict, rows: list[dict], text: Callable[[], str]) -> None:
+    """Print the rows as JSON (``--json``) or as ``text()``, and write them to ``--csv``."""
     if args.json:
-        json.dump({"attrs": _plain(res.attrs), "rows": rows}, sys.stdout, indent=1)
+        json.dump({"attrs": _plain(attrs), "rows": rows}, sys.stdout, indent=1)
         print()
     else:
-        print(format_table(res))
-        print(f"# figure: {args.output}", file=sys.stderr)
+        print(text())
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    return 0
 
 
 def _suggest_z(args: argparse.Namespace, window: tuple[float, float]) -> int:
@@ -115,16 +121,7 @@ def _suggest_z(args: argparse.Namespace, window: tuple[float, float]) -> int:
     res = suggest_z(args.store, args.density, params=args.param, window=window, max_lag=args.max_lag,
                     detrend=args.detrend, progress=not args.no_progress)
     rows = z_rows(res)
-    if args.json:
-        json.dump({"attrs": _plain(res.attrs), "rows": rows}, sys.stdout, indent=1)
-        print()
-    else:
-        print(_format_z(res, rows))
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    _emit(args, res.attrs, rows, lambda: _format_z(res, rows))
     return 0
 
 
