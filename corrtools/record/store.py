@@ -62,6 +62,9 @@ from corrtools.record._lock import WriterLock
 __all__ = [
     "FORMAT",
     "RunWriter",
+    "check_chunking",
+    "check_compressor",
+    "check_new_store",
     "default_chunks",
     "open_run",
     "read_group",
@@ -595,7 +598,7 @@ class RunWriter:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         user = _jsonable(dict(attrs or {}))
-        _check_target(p, overwrite)
+        check_new_store(p, overwrite)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -806,8 +809,10 @@ def _is_run_store(p: Path) -> bool:
         return False
 
 
-def _check_target(p: Path, overwrite: bool) -> None:
-    """CorrtoolsError unless a new store may be created at `p` (before anything is written)."""
+def check_new_store(path: PathLike, overwrite: bool = False) -> None:
+    """CorrtoolsError unless a new run store may be created at ``path``: nothing is there, or with
+    ``overwrite`` a corrtools run store that no writer holds (or an empty folder). Writes nothing."""
+    p = Path(path)
     if not (p.exists() or p.is_symlink()):
         return
     holder = _lock(p).holder() if p.is_dir() else None
