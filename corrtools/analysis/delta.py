@@ -175,7 +175,12 @@ def _delta_slice(
         x = np.ascontiguousarray(x.T).T  # a slice of a (T, N) block: copy its row segments first
     with _nan_is_an_answer():  # here, in the thread that computes: NaN weights give NaN, no warning
         c = _prepare(x, detrend, ftype)  # (k, T) C-contiguous, de-meaned
-        return _delta_last(c, max_lag, ftype, workers)
+        d, cens = _delta_last(c, max_lag, ftype, workers)
+    # a NaN or inf anywhere in a series makes its mean, hence every de-meaned value, non-finite:
+    # its Δ is undefined (NaN), not a lag the search ran into by comparing NaNs
+    bad = ~np.isfinite(c[:, 0]) if c.ndim == 2 and c.shape[1] else np.zeros(d.shape, bool)
+    d[bad], cens[bad] = np.nan, False
+    return d, cens
 
 
 def _delta_time_last(

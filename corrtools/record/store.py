@@ -658,7 +658,7 @@ class RunWriter:
                     arr.resize((n, *arr.shape[1:]))
             for leftover in p.rglob("*.partial"):  # temporaries of writes cut short by a kill
                 leftover.unlink(missing_ok=True)
-            final = _array(group, "final")
+            final = _array(group, "final").with_config(_WRITE_ALL)  # a NaN chunk, not a deleted one
             final[:] = np.full(final.shape, np.nan, dtype=np.float32)
             attrs = dict(group.attrs)
             attrs.pop("total_steps", None)
@@ -764,8 +764,11 @@ class RunWriter:
             shape, chunks, dims = (rows, self.n_weights), (self.chunk_steps, self.chunk_weights), (STEP, WEIGHT)
         arr = self._group.create_array(
             name, shape=shape, chunks=chunks, dtype=data.dtype, fill_value=_fill_for(data.dtype),
-            dimension_names=dims, overwrite=True,
+            dimension_names=dims, overwrite=True, config=_WRITE_ALL,
+            compressors=[zarr.codecs.Crc32cCodec()] if _has_checksum(self._values) else "auto",
         )
+        if rows:  # the rows before its first use hold fill values, in chunks on disk like any other
+            arr[:rows] = np.full((rows, *shape[1:]), _fill_for(data.dtype), dtype=data.dtype)
         self._extra[name] = arr
         return arr
 
