@@ -149,6 +149,7 @@ class Recorder:
     """
 
     _stage_on_cpu = False  # tests set it to run the device-buffer path on CPU
+    _checksum = True  # benchmarks/recorder_overhead.py --checksum-cost turns it off to measure it
 
     def __init__(
         self,
@@ -220,6 +221,7 @@ class Recorder:
             self._writer = RunWriter.create(
                 self.path, param=names, index=index, initial=self._gather_final(), attrs=attrs,
                 chunk_steps=chunk_steps, overwrite=overwrite, compressor=self._resolve_compressor(compressor),
+                checksum=self._checksum,
             )
         try:
             if resume:
