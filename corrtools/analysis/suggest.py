@@ -47,6 +47,7 @@ def suggest_z(
     max_lag: int | None = None,
     detrend: Detrend = "none",
     progress: bool = False,
+    threads: int | None = None,
 ) -> xr.Dataset:
     """The z (optimizer steps) a recorded run implies for RESET at ``density``: the ``quantile``
     (0.5: median) of Δ of the weights below their layer's (1 − density) quantile of final |w|.
@@ -55,8 +56,8 @@ def suggest_z(
     ``censored_fraction``, ``lower_bound`` (the quantile is censored: z ≥ the value) and ``threshold``
     (the final-|w| cut), and the same pooled over all selected layers as 0-d ``z_all``,
     ``n_weights_all``, ``censored_fraction_all``, ``lower_bound_all``. Attrs are ``delta_per_weight``'s
-    plus ``density`` and ``quantile``. ``window``, ``max_lag`` (recorded rows) and ``detrend`` are
-    passed to ``delta_per_weight``.
+    plus ``density`` and ``quantile``. ``window``, ``max_lag`` (recorded rows), ``detrend`` and
+    ``threads`` are passed to ``delta_per_weight``.
 
     >>> import numpy as np, xarray as xr
     >>> t = np.arange(400)[:, None]
@@ -73,7 +74,8 @@ def suggest_z(
         raise CorrtoolsError(f"density={density!r} must lie in (0, 1): the fraction of weights kept, e.g. 0.25.")
     if not 0.0 < float(quantile) < 1.0:
         raise CorrtoolsError(f"quantile={quantile!r} must lie in (0, 1), e.g. 0.5 for the median.")
-    per = delta_per_weight(ds_or_path, params, window=window, max_lag=max_lag, detrend=detrend, progress=progress)
+    per = delta_per_weight(ds_or_path, params, window=window, max_lag=max_lag, detrend=detrend,
+                           progress=progress, threads=threads)
     names = np.asarray(per["param"].values).astype(str)
     mag = np.abs(np.asarray(per["final"].values, dtype=np.float64))
     if not np.isfinite(mag).any():
