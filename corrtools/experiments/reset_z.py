@@ -11,7 +11,8 @@ auto z lands within the seed-to-seed spread of the best fixed z; z = 1 is worst.
 Writes ``<out>/reset_z.csv`` (one row per run, the full configuration with it),
 ``<out>/reset_z_summary.csv`` (mean, std, min, max over seeds per (d, z)) and ``<out>/reset_z.png``;
 ``--quick`` writes ``reset_z.quick.*`` in seconds (the tests run it). The CSV is also the cache: a
-rerun with the same setup trains only the runs it does not hold yet, so an interrupted grid continues.
+rerun with the same setup trains only the runs it does not hold yet, so an interrupted grid continues;
+runs go seed by seed, and ``--report`` writes the summary and the figure from the rows there are.
 Each run uses one torch thread; ``--workers`` runs that many at once.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FULL", "QUICK", "ResetZSetup", "evaluate_bpc", "main", "plot", "run_grid", "run_one", "summarize"]
+__all__ = ["FULL", "QUICK", "ResetZSetup", "evaluate_bpc", "format_summary", "main", "plot", "run_grid", "write_report",
+           "run_one", "summarize"]
 
 Z = int | str  # a fixed interval (steps), "never" or "auto"
 
@@ -194,8 +196,8 @@ def run_grid(
     progress: bool = True,
     report: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Train every run of ``setup`` not already in ``<out>/<name>.csv``, then write the CSV, the summary
-    and the figure. Returns the rows (those of this setup, in grid order)."""
+    """Train every run of ``setup`` not already in ``<out>/<name>.csv`` (seed by seed), then write the
+    CSV, the summary and the figure. Returns the rows (those of this setup, in grid order)."""
     from tqdm.auto import tqdm
 
     from corrtools.errors import CorrtoolsError
@@ -208,7 +210,9 @@ def run_grid(
     key = setup.key()
     done = {_job_key(r["density"], r["z"], r["seed"]): r for r in _read_rows(csv_path) if r.get("setup") == key}
     grid = [(d, z, s) for d in setup.densities for z in setup.zs for s in setup.seeds]
-    todo = [(setup, d, z, s) for d, z, s in grid if _job_key(d, z, s) not in done]
+    # trained seed by seed, so that an interrupted grid holds every configuration for its first seeds
+    todo = [(setup, d, z, s) for s in setup.seeds for d in setup.densities for z in setup.zs
+            if _job_key(d, z, s) not in done]
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc=setup.name, unit="run", disable=not progress)
 
@@ -228,19 +232,34 @@ def run_grid(
             for row in pool.map(_run_job, todo):
                 keep(row)
     bar.close()
-    rows = [done[_job_key(*g)] for g in grid]
-    summary = summarize(rows)
-    _write_rows(out_dir / f"{setup.name}_summary.csv", summary)
-    plot(rows, out_dir / f"{setup.name}.png", title=_title(setup))
+    rows = _outputs(setup, out_dir, [done[_job_key(*g)] for g in grid])
     report(f"{setup.name}: {len(grid)} runs ({len(todo)} trained now, {time.perf_counter() - start:.0f} s); "
            f"wrote {csv_path}, {setup.name}_summary.csv and {setup.name}.png")
     return rows
 
 
-def _title(setup: ResetZSetup) -> str:
+def _outputs(setup: ResetZSetup, out_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    _write_rows(out_dir / f"{setup.name}_summary.csv", summarize(rows))
+    plot(rows, out_dir / f"{setup.name}.png", title=_title(setup, len({r["seed"] for r in rows})))
+    return rows
+
+
+def write_report(setup: ResetZSetup = FULL, out: str | os.PathLike[str] = "data/results") -> list[dict[str, Any]]:
+    """The summary CSV and the figure from the rows of this setup that ``<out>/<name>.csv`` holds
+    (e.g. of an interrupted grid), without training."""
+    out_dir = Path(out)
+    rows = [r for r in _read_rows(out_dir / f"{setup.name}.csv") if r.get("setup") == setup.key()]
+    if not rows:
+        from corrtools.errors import CorrtoolsError
+
+        raise CorrtoolsError(f"{out_dir / (setup.name + '.csv')} holds no run of this setup; run the grid first.")
+    return _outputs(setup, out_dir, rows)
+
+
+def _title(setup: ResetZSetup, seeds: int) -> str:
     m = setup.model
     return (f"RESET interval z on the char LM (d_model {m.d_model}, {m.n_layer} blocks, {m.steps} steps, "
-            f"{len(setup.seeds)} seed(s))")
+            f"{seeds} seed(s))")
 
 
 def _f(v: Any) -> float:
@@ -332,8 +351,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="data/results", help="folder for the CSVs and the figure")
     p.add_argument("--workers", type=int, default=1, help="runs trained at once, one torch thread each")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write the summary and the figure from the rows the CSV holds")
     args = p.parse_args(argv)
-    rows = run_grid(QUICK if args.quick else FULL, args.out, workers=args.workers, progress=not args.no_progress)
+    setup = QUICK if args.quick else FULL
+    if args.report:
+        rows = write_report(setup, args.out)
+    else:
+        rows = run_grid(setup, args.out, workers=args.workers, progress=not args.no_progress)
     print(format_summary(summarize(rows)))
     return 0
 

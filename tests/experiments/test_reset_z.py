@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from corrtools.experiments.reset_z import QUICK, evaluate_bpc, run_grid, summarize
+from corrtools.experiments.reset_z import QUICK, evaluate_bpc, run_grid, summarize, write_report
 
 
 @pytest.mark.filterwarnings("ignore:auto z")
@@ -34,6 +34,13 @@ def test_quick_grid_writes_rows_summary_and_figure(tmp_path) -> None:
     calls = []
     again = run_grid(QUICK, tmp_path, progress=False, report=calls.append)
     assert "0 trained now" in calls[0] and [r["val_bpc"] for r in again] == [r["val_bpc"] for r in on_disk]
+    # --report: from a partial CSV (an interrupted grid), the summary of what is there
+    with open(tmp_path / "reset_z.quick.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(on_disk[0]))
+        w.writeheader()
+        w.writerows(on_disk[:2])
+    partial = write_report(QUICK, tmp_path)
+    assert [s["z"] for s in summarize(partial)] == [str(z) for z in QUICK.zs[:2]]
 
 
 def test_evaluate_bpc_matches_window_by_window() -> None:
@@ -49,8 +56,10 @@ def test_evaluate_bpc_matches_window_by_window() -> None:
     assert got == pytest.approx(sum(ref) / len(ref) / math.log(2), rel=1e-5)
 
 
-def test_workers_must_be_positive(tmp_path) -> None:
+def test_workers_must_be_positive_and_report_needs_rows(tmp_path) -> None:
     from corrtools.errors import CorrtoolsError
 
     with pytest.raises(CorrtoolsError, match="--workers 0"):
         run_grid(QUICK, tmp_path, workers=0)
+    with pytest.raises(CorrtoolsError, match="holds no run of this setup"):
+        write_report(QUICK, tmp_path)
