@@ -48,10 +48,13 @@ from corrtools.record._lock import WriterLock
 __all__ = [
     "FORMAT",
     "RunWriter",
+    "create_sharded",
     "default_chunks",
+    "finish_sharded",
     "open_run",
     "read_group",
     "run_info",
+    "shard_path",
     "write_group",
 ]
 
@@ -62,6 +65,7 @@ _LOCK_PATH = ("step", "writer.lock")  # inside an array's folder, where Zarr rea
 _TARGET_CHUNK_BYTES = 4 << 20  # ~4 MiB of float32 per `values` chunk before compression
 _MAX_CHUNK_WEIGHTS = 16384
 _FILL = {"f": np.nan, "b": False, "i": -1, "u": 0}
+_SHARDS = "shards"  # the subgroup holding the parts of a sharded store, one per rank
 
 PathLike = str | os.PathLike[str]
 
@@ -170,6 +174,16 @@ def _dask_rows(array: zarr.Array, n: int, dims: Sequence[str], chunks: Any) -> A
 
     native = tuple(array.chunks)
     shape = (n, *array.shape[1:])
+    norm = _chunk_spec(chunks, dims, native, shape, array.dtype)
+    if n == array.shape[0]:
+        return da.from_array(array, chunks=norm, lock=False, asarray=True)
+    return da.from_array(array, chunks=native, lock=False, asarray=True)[:n].rechunk(norm)
+
+
+def _chunk_spec(chunks: Any, dims: Sequence[str], native: tuple[int, ...], shape: tuple[int, ...], dtype: Any) -> Any:
+    """`open_run`'s ``chunks`` argument as dask chunks for an array of `shape` stored in `native` chunks."""
+    import dask.array as da
+
     if chunks == "auto":
         spec: Any = "auto"
     elif isinstance(chunks, Mapping):
@@ -181,10 +195,7 @@ def _dask_rows(array: zarr.Array, n: int, dims: Sequence[str], chunks: Any) -> A
         spec = tuple(chunks.get(d, c) for d, c in zip(dims, native))
     else:
         raise CorrtoolsError(f"chunks={chunks!r} is not understood; use None, 'auto' or a dict like {{'weight': 4096}}")
-    norm = da.core.normalize_chunks(spec, shape=shape, dtype=array.dtype, previous_chunks=native)
-    if n == array.shape[0]:
-        return da.from_array(array, chunks=norm, lock=False, asarray=True)
-    return da.from_array(array, chunks=native, lock=False, asarray=True)[:n].rechunk(norm)
+    return da.core.normalize_chunks(spec, shape=shape, dtype=dtype, previous_chunks=native)
 
 
 def _strings(values: Any) -> np.ndarray:
@@ -202,6 +213,8 @@ def open_run(path: PathLike, chunks: None | str | Mapping[str, int] = None) -> x
     chunks) or a dict such as ``{"weight": 4096}`` give dask arrays.
     """
     group = _open_group(path)
+    if _SHARDS in group.attrs:
+        return _open_sharded(path, group, chunks)
     step_arr = _array(group, STEP)
     n = int(step_arr.shape[0])
     steps = np.asarray(step_arr[:], dtype=np.int64)
@@ -362,13 +375,7 @@ class RunWriter:
         cw = int(min(chunk_weights or cw_default, n))
         if cs < 1 or cw < 1:
             raise CorrtoolsError(f"chunk_steps={cs} and chunk_weights={cw} must be positive integers")
-        if p.exists():
-            if not overwrite:
-                raise CorrtoolsError(
-                    f"{str(p)!r} already exists; pass overwrite=True to replace it or resume=True to "
-                    "continue it"
-                )
-            _remove_store(p)
+        _clear(p, overwrite)
         p.joinpath(*_LOCK_PATH[:-1]).mkdir(parents=True, exist_ok=False)
         lock = _lock(p)
         lock.acquire()
@@ -390,20 +397,7 @@ class RunWriter:
                 dimension_names=(STEP, WEIGHT), compressors=comp,
                 attributes={"coordinates": "param index initial final"},
             )
-            for name, data, dtype, fill in (
-                ("param", None, str, ""),
-                ("index", index, "int64", -1),
-                ("initial", initial, "float32", np.nan),
-                ("final", None, "float32", np.nan),
-            ):
-                arr = group.create_array(
-                    name, shape=(n,), chunks=(min(n, 1 << 20),), dtype=dtype, fill_value=fill,
-                    dimension_names=(WEIGHT,),
-                )
-                if name == "param":
-                    arr[:] = np.asarray([str(s) for s in param], dtype=object)
-                elif data is not None:
-                    arr[:] = data
+            _weight_arrays(group, param, index, initial)
         except BaseException:
             lock.release()
             raise
@@ -568,6 +562,34 @@ class RunWriter:
         self.abandon()
 
 
+def _weight_arrays(group: zarr.Group, param: Sequence[str], index: np.ndarray, initial: np.ndarray | None) -> None:
+    """The (weight,) arrays param, index, and (when `initial` is given) initial and final."""
+    n = len(index)
+    arrays = [("param", param, str, ""), ("index", index, "int64", -1)]
+    if initial is not None:
+        arrays += [("initial", initial, "float32", np.nan), ("final", None, "float32", np.nan)]
+    for name, data, dtype, fill in arrays:
+        arr = group.create_array(
+            name, shape=(n,), chunks=(min(n, 1 << 20),), dtype=dtype, fill_value=fill,
+            dimension_names=(WEIGHT,),
+        )
+        if name == "param":
+            arr[:] = np.asarray([str(s) for s in param], dtype=object)
+        elif data is not None:
+            arr[:] = data
+
+
+def _clear(p: Path, overwrite: bool) -> None:
+    """Make room for a new store at `p`: refuse an existing one unless `overwrite`."""
+    if p.exists():
+        if not overwrite:
+            raise CorrtoolsError(
+                f"{str(p)!r} already exists; pass overwrite=True to replace it or resume=True to "
+                "continue it"
+            )
+        _remove_store(p)
+
+
 def _remove_store(p: Path) -> None:
     import shutil
 
@@ -576,9 +598,10 @@ def _remove_store(p: Path) -> None:
             f"{str(p)!r} is a non-empty directory that is not a Zarr store; refusing to overwrite it, "
             "choose another path"
         )
-    holder = _lock(p).holder()
-    if holder is not None:
-        raise _lock(p).busy(holder)
+    for part in [p, *sorted(p.joinpath(_SHARDS).glob("r*"))]:  # a sharded store: every rank's part
+        holder = _lock(part).holder()
+        if holder is not None:
+            raise _lock(part).busy(holder)
     if p.is_dir():
         shutil.rmtree(p)
     else:
@@ -633,6 +656,8 @@ def run_info(path: PathLike) -> dict[str, Any]:
     size on disk (bytes), arrays, result groups, attrs."""
     p = Path(path)
     group = _open_group(p)
+    if _SHARDS in group.attrs:
+        return _sharded_info(p, group)
     step_arr = _array(group, STEP)
     values = _array(group, "values")
     n = int(step_arr.shape[0])
@@ -657,8 +682,236 @@ def run_info(path: PathLike) -> dict[str, Any]:
         "chunks": {"step": int(values.chunks[0]), "weight": int(values.chunks[1])},
         "codecs": [c.to_dict().get("name") for c in comp],
         "optional": sorted(_step_arrays(group).keys() - {"values"}),
-        "groups": sorted(g for g, _ in group.groups()),
+        "groups": sorted(g for g, _ in group.groups() if g != _SHARDS),
         "size_bytes": _du(p),
         "writer": _lock(p).holder(),
+        "attrs": attrs,
+    }
+
+
+# ---------------------------------------------------------------------------------- sharded stores
+# A store recorded from sharded parameters (record/distributed.py) is one group whose attrs carry
+# ``shards = {"world_size": W, "segments": [[rank, start, stop], ...]}``: the N columns in store
+# order, each range [start, stop) owned by one rank. The top holds ``param`` and ``index`` (N,);
+# every rank r writes its own columns, concatenated in store order, as a complete run store in the
+# subgroup ``shards/r<r>`` (its own step, values, initial, final, lock and commit record), so ranks
+# never write the same chunk. `open_run` shows the rows every part has committed, as one (step,
+# weight) dataset equal to a single process's recording; `run_info` names the columns of parts that
+# are behind (a rank that died).
+def shard_path(path: PathLike, rank: int) -> Path:
+    """Where rank `rank` writes its part of the sharded store at `path` (a `RunWriter.create` path)."""
+    return Path(path) / _SHARDS / f"r{int(rank)}"
+
+
+def create_sharded(
+    path: PathLike,
+    param: Sequence[str],
+    index: np.ndarray,
+    segments: Sequence[tuple[int, int, int]],
+    world_size: int,
+    overwrite: bool = False,
+) -> None:
+    """Create the top of a sharded store (rank 0, before any rank creates its part): `param` (N,),
+    `index` (N,) and the owner of each column range, `segments` [(rank, start, stop), ...]."""
+    p = Path(path)
+    index = np.asarray(index, dtype=np.int64).reshape(-1)
+    n = len(index)
+    spans = [(int(r), int(a), int(b)) for r, a, b in segments]
+    if len(param) != n or n == 0 or [a for _, a, _ in spans] != [0, *[b for _, _, b in spans[:-1]]] or spans[-1][2] != n:
+        raise CorrtoolsError(  # pragma: no cover - built by record/distributed.py
+            f"segments {spans[:4]}... do not cover the {n} columns in order; pass consecutive ranges"
+        )
+    _clear(p, overwrite)
+    attrs = {
+        "corrtools_format": FORMAT,
+        "status": "recording",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        _SHARDS: {"world_size": int(world_size), "segments": [list(s) for s in spans]},
+    }
+    group = zarr.create_group(str(p), zarr_format=3, attributes=attrs)
+    _weight_arrays(group, param, index, None)
+    group.create_group(_SHARDS)
+
+
+def finish_sharded(path: PathLike, total_steps: int) -> None:
+    """Mark a sharded store "complete" (rank 0, after every rank closed its part)."""
+    group = _open_group(path, mode="r+")
+    group.attrs.update({"status": "complete", "total_steps": int(total_steps)})
+
+
+class _Parts:
+    """The parts of a sharded store: each rank's group (None if it never wrote one), the rows all
+    of them committed, and for each column segment where its columns sit in the owner's part."""
+
+    def __init__(self, path: PathLike, group: zarr.Group):
+        spec = group.attrs[_SHARDS]
+        self.world = int(spec["world_size"])
+        self.groups: dict[int, zarr.Group | None] = {}
+        for r in range(self.world):
+            try:
+                self.groups[r] = _open_group(shard_path(path, r))
+            except CorrtoolsError:
+                self.groups[r] = None
+        self.rows = {r: (int(_array(g, STEP).shape[0]) if g is not None else 0) for r, g in self.groups.items()}
+        self.n = min(self.rows.values())
+        self.segments = []  # (rank, start, stop, local start)
+        local = dict.fromkeys(range(self.world), 0)
+        for r, a, b in spec["segments"]:
+            self.segments.append((int(r), int(a), int(b), local[r]))
+            local[r] += b - a
+        self.n_weights = int(spec["segments"][-1][2])
+
+    def weights(self, name: str) -> np.ndarray:
+        """A (weight,) float32 array (initial, final) gathered from the parts; NaN for missing ones."""
+        out = np.full(self.n_weights, np.nan, dtype=np.float32)
+        for r, a, b, la in self.segments:
+            g = self.groups[r]
+            if g is not None:
+                out[a:b] = _array(g, name)[la : la + b - a]
+        return out
+
+    def columns(self, name: str) -> list[tuple[zarr.Array, int, int, int]]:
+        """(owner's array `name`, start, stop, local start) per segment."""
+        return [(_array(self.groups[r], name), a, b, la) for r, a, b, la in self.segments]
+
+
+class _LazyColumns(BackendArray):
+    """The first `n` rows of (step, weight) data spread over the parts' arrays, lazily indexed."""
+
+    def __init__(self, columns: list[tuple[zarr.Array, int, int, int]], n: int, n_weights: int):
+        self._columns = columns
+        self.shape = (n, n_weights)
+        self.dtype = columns[0][0].dtype
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.OUTER, self._raw_getitem
+        )
+
+    def _raw_getitem(self, key: tuple) -> np.ndarray:
+        rows, cols = key
+        if isinstance(rows, slice):
+            rows = slice(*rows.indices(self.shape[0]))
+        scalar = isinstance(cols, (int, np.integer))
+        want = np.arange(self.shape[1])[cols].reshape(-1)
+        n_rows = len(range(*rows.indices(self.shape[0]))) if isinstance(rows, slice) else np.size(rows)
+        out = np.empty((n_rows, want.size), dtype=self.dtype)
+        for arr, a, b, la in self._columns:
+            hit = np.nonzero((want >= a) & (want < b))[0]
+            if not hit.size:
+                continue
+            local = want[hit] - a + la
+            contiguous = np.array_equal(local, np.arange(local[0], local[0] + local.size))
+            sel = slice(int(local[0]), int(local[0]) + local.size) if contiguous else local
+            block = np.asarray(arr.oindex[rows, sel]).reshape(n_rows, -1)
+            if contiguous and np.array_equal(hit, np.arange(hit[0], hit[0] + hit.size)):
+                out[:, hit[0] : hit[0] + hit.size] = block
+            else:
+                out[:, hit] = block
+        if isinstance(rows, (int, np.integer)):
+            out = out[0]
+        return out[..., 0] if scalar else out
+
+
+def _sharded_data(parts: _Parts, name: str, chunks: Any) -> Any:
+    """(n, N) data of the 2-D step array `name` from the parts: lazy numpy, or dask (chunks)."""
+    columns = parts.columns(name)
+    if chunks is None:
+        return indexing.LazilyIndexedArray(_LazyColumns(columns, parts.n, parts.n_weights))
+    import dask.array as da
+
+    pieces = [
+        da.from_array(arr, chunks=arr.chunks, lock=False, asarray=True)[: parts.n, la : la + b - a]
+        for arr, a, b, la in columns
+    ]
+    whole = da.concatenate(pieces, axis=1)
+    native = tuple(int(c) for c in columns[0][0].chunks)
+    return whole.rechunk(_chunk_spec(chunks, (STEP, WEIGHT), native, whole.shape, whole.dtype))
+
+
+def _open_sharded(path: PathLike, group: zarr.Group, chunks: Any) -> xr.Dataset:
+    parts = _Parts(path, group)
+    n = parts.n
+    first = parts.groups[0]
+    steps = np.asarray(_array(first, STEP)[:n], dtype=np.int64) if first is not None else np.zeros(0, np.int64)
+    for r, g in parts.groups.items():
+        if g is not None and not np.array_equal(np.asarray(_array(g, STEP)[:n]), steps):
+            raise CorrtoolsError(
+                f"the parts of {str(path)!r} recorded different steps (rank {r} differs from rank 0); "
+                "the store is damaged, record it again"
+            )
+    coords = {
+        STEP: (STEP, steps),
+        "param": (WEIGHT, _strings(_array(group, "param")[:])),
+        "index": (WEIGHT, np.asarray(_array(group, "index")[:], dtype=np.int64)),
+        "initial": (WEIGHT, parts.weights("initial")),
+        "final": (WEIGHT, parts.weights("final")),
+    }
+    data_vars: dict[Hashable, xr.Variable] = {}
+    if first is not None and n:
+        for name, arr in sorted(_step_arrays(first).items(), key=lambda kv: (kv[0] != "values", kv[0])):
+            dims = tuple(arr.metadata.dimension_names)
+            if arr.ndim == 1:  # per-step data (loss, lr): rank 0's
+                data: Any = np.asarray(arr[:n])
+            else:
+                data = _sharded_data(parts, name, chunks)
+            var = xr.Variable(dims, data, attrs=dict(arr.attrs))
+            var.encoding = {"chunks": tuple(arr.chunks), "preferred_chunks": dict(zip(dims, arr.chunks))}
+            data_vars[name] = var
+    else:  # no row committed by every rank
+        data_vars["values"] = xr.Variable((STEP, WEIGHT), np.zeros((0, parts.n_weights), np.float32))
+    top = dict(group.attrs)
+    attrs = {**(dict(first.attrs) if first is not None else {}), **top}
+    attrs.pop("rank", None)
+    attrs["steps_written"] = n
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _sharded_info(p: Path, group: zarr.Group) -> dict[str, Any]:
+    parts = _Parts(p, group)
+    ds = _open_sharded(p, group, None)
+    names = np.asarray(ds["param"].values)
+    params: dict[str, int] = {}
+    for name in names.tolist():
+        params[name] = params.get(name, 0) + 1
+    most = max(parts.rows.values())
+    ranks, missing = [], []
+    for r, g in parts.groups.items():
+        ranks.append({
+            "rank": r, "steps_written": parts.rows[r],
+            "status": g.attrs.get("status") if g is not None else "never created",
+            "writer": _lock(shard_path(p, r)).holder() if g is not None else None,
+        })
+        if parts.rows[r] < most:
+            cols: dict[str, int] = {}
+            for owner, a, b, _ in parts.segments:
+                if owner == r:
+                    for name in names[a:b].tolist():
+                        cols[name] = cols.get(name, 0) + 1
+            missing.append({"rank": r, "steps_written": parts.rows[r], "of": most, "params": cols})
+    first = parts.groups[0]
+    values = _array(first, "values") if first is not None else None
+    attrs = dict(ds.attrs)
+    attrs.pop("steps_written", None)
+    n = parts.n
+    writers = [f"rank {x['rank']}: {x['writer']}" for x in ranks if x["writer"]]
+    return {
+        "path": str(p),
+        "status": attrs.get("status"),
+        "format": attrs.get("corrtools_format"),
+        "steps_written": n,
+        "step_first": int(ds["step"].values[0]) if n else None,
+        "step_last": int(ds["step"].values[-1]) if n else None,
+        "total_steps": attrs.get("total_steps"),
+        "n_weights": parts.n_weights,
+        "params": params,
+        "chunks": {"step": int(values.chunks[0]), "weight": int(values.chunks[1])} if values is not None else {},
+        "codecs": [c.to_dict().get("name") for c in values.metadata.codecs] if values is not None else [],
+        "optional": sorted(set(ds.data_vars) - {"values"}),
+        "groups": sorted(g for g, _ in group.groups() if g != _SHARDS),
+        "size_bytes": _du(p),
+        "writer": "; ".join(writers) or None,
+        "ranks": ranks,
+        "missing": missing,
         "attrs": attrs,
     }
