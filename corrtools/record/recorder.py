@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from corrtools.errors import CorrtoolsError
+from corrtools.record._location import store_path
 from corrtools.record.distributed import barrier, broadcast_error, is_idle, local_tensor, role, unwrap
 from corrtools.record.sampling import ParamFilter, SampleSpec, plan_samples
 from corrtools.record.store import (
@@ -171,7 +172,7 @@ class Recorder:
             raise CorrtoolsError("resume=True and overwrite=True exclude each other; pass one of them")
         if queue_blocks < 1:
             raise CorrtoolsError(f"queue_blocks={queue_blocks} must be at least 1")
-        self.path = Path(path)
+        self.path = store_path(path)  # a Path, or an fsspec URL such as "s3://bucket/run.zarr"
         self.every = every
         self._queue_blocks = queue_blocks
         self.model = model = unwrap(model)
@@ -244,7 +245,7 @@ class Recorder:
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=queue_blocks)
         self._current: _Block | None = None
         self._current_prev = self._last_row_step
-        self._thread = threading.Thread(target=self._write_loop, name=f"corrtools-writer:{self.path.name}", daemon=True)
+        self._thread = threading.Thread(target=self._write_loop, name=f"corrtools-writer:{str(self.path).rsplit('/', 1)[-1]}", daemon=True)
         self._thread.start()
 
     def _check_shardable(self, resume: bool) -> None:
@@ -261,7 +262,7 @@ class Recorder:
                 "weights per parameter (or record more parameters)"
             )
 
-    def _create_sharded(self, names: Sequence[str], index: np.ndarray, overwrite: bool) -> Path:
+    def _create_sharded(self, names: Sequence[str], index: np.ndarray, overwrite: bool) -> Path | str:
         """Rank 0 creates the store's top, every rank then its part; returns this rank's part path."""
         error = None
         if self._role.rank == 0:
@@ -576,7 +577,7 @@ class _IdleRecorder(Recorder):
     optimizer hook or file; every call returns at once (``step`` still counts, for logging)."""
 
     def __init__(self, model: nn.Module, path: PathLike, *args: Any, **kwargs: Any) -> None:
-        self.path = Path(path)
+        self.path = store_path(path)
         self.model = model
         self.step = 0
         self._closed = False

@@ -43,6 +43,7 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from corrtools.errors import CorrtoolsError, close_matches
+from corrtools.record._location import Location, ObjectLock, store_path
 from corrtools.record._lock import WriterLock
 
 __all__ = [
@@ -96,7 +97,7 @@ def _compressor(name: str) -> Any:
 
 
 # -------------------------------------------------------------------------------------- opening
-def _not_a_store(path: Path) -> CorrtoolsError:
+def _not_a_store(path: Location) -> CorrtoolsError:
     if not path.exists():
         return CorrtoolsError(
             f"no run store at {str(path)!r}; pass the path of a store written by corrtools.Recorder "
@@ -109,11 +110,11 @@ def _not_a_store(path: Path) -> CorrtoolsError:
 
 
 def _open_group(path: PathLike, mode: str = "r") -> zarr.Group:
-    p = Path(path)
-    if not (p / "zarr.json").is_file():
+    p = Location(path)
+    if not p.is_file("zarr.json"):
         raise _not_a_store(p)
     try:
-        group = zarr.open_group(str(p), mode=mode, zarr_format=3)
+        group = zarr.open_group(p.url, mode=mode, zarr_format=3)
     except Exception as err:  # malformed metadata, a Zarr v2 store, ...
         raise _not_a_store(p) from err
     fmt = group.attrs.get("corrtools_format")
@@ -250,8 +251,8 @@ def open_run(path: PathLike, chunks: None | str | Mapping[str, int] = None) -> x
 
 
 # ------------------------------------------------------------------------------------- writing
-def _lock(store: Path) -> WriterLock:
-    return WriterLock(store.joinpath(*_LOCK_PATH), f"run store {str(store)!r}")
+def _lock(store: Location) -> WriterLock | ObjectLock:
+    return store.lock(*_LOCK_PATH, what=f"run store {str(store)!r}")
 
 
 def _grown(array: zarr.Array, rows: int) -> zarr.Array:
@@ -331,8 +332,8 @@ class RunWriter:
     Not thread-safe: use it from one thread at a time.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, lock: WriterLock):
-        self.path = path
+    def __init__(self, path: Location, group: zarr.Group, lock: WriterLock | ObjectLock):
+        self.path = store_path(path.url)
         self._group = group
         self._lock = lock
         self._step = _array(group, STEP)
@@ -343,7 +344,8 @@ class RunWriter:
         self.n_steps = int(self._step.shape[0])
         self.last_step = int(self._step[self.n_steps - 1]) if self.n_steps else -1
         self.chunk_steps, self.chunk_weights = (int(c) for c in self._values.chunks)
-        self._direct = _DirectChunks.for_array(self._values, path / "values")
+        # object stores: zarr's own writes (one PUT per chunk, atomic)
+        self._direct = _DirectChunks.for_array(self._values, path.local / "values") if path.local else None
 
     # -------------------------------------------------------------------------- construction
     @classmethod
@@ -361,7 +363,7 @@ class RunWriter:
     ) -> RunWriter:
         """Create a store with N weight columns: `param` (N,) names, `index` (N,) int64 flat
         indices, `initial` (N,) float32 values; status "recording". `attrs` must be JSON-able."""
-        p = Path(path)
+        p = Location(path)
         index = np.asarray(index, dtype=np.int64).reshape(-1)
         initial = np.asarray(initial, dtype=np.float32).reshape(-1)
         n = len(index)
@@ -376,7 +378,8 @@ class RunWriter:
         if cs < 1 or cw < 1:
             raise CorrtoolsError(f"chunk_steps={cs} and chunk_weights={cw} must be positive integers")
         _clear(p, overwrite)
-        p.joinpath(*_LOCK_PATH[:-1]).mkdir(parents=True, exist_ok=False)
+        if p.local is not None:
+            p.local.joinpath(*_LOCK_PATH[:-1]).mkdir(parents=True, exist_ok=False)
         lock = _lock(p)
         lock.acquire()
         try:
@@ -386,7 +389,7 @@ class RunWriter:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
             user = _jsonable(dict(attrs or {}))
-            group = zarr.create_group(str(p), zarr_format=3, attributes={**user, **base})
+            group = zarr.create_group(p.url, zarr_format=3, attributes={**user, **base})
             comp = _compressor(compressor)
             group.create_array(
                 STEP, shape=(0,), chunks=(cs,), dtype="int64", fill_value=-1,
@@ -407,8 +410,8 @@ class RunWriter:
     def resume(cls, path: PathLike) -> RunWriter:
         """Reopen a store to append after its last committed step; status becomes "recording",
         `final` and `total_steps` are cleared, rows beyond the commit (from a killed run) dropped."""
-        p = Path(path)
-        group = _open_group(p, mode="r+")
+        p = Location(path)
+        group = _open_group(p.url, mode="r+")
         lock = _lock(p)
         lock.acquire()
         try:
@@ -416,7 +419,7 @@ class RunWriter:
             for arr in [_array(group, "values"), *_step_arrays(group).values()]:
                 if arr.shape[0] > n:
                     arr.resize((n, *arr.shape[1:]))
-            for leftover in p.rglob("*.partial"):  # temporaries of writes cut short by a kill
+            for leftover in p.local.rglob("*.partial") if p.local else ():  # writes cut short by a kill
                 leftover.unlink(missing_ok=True)
             final = _array(group, "final")
             final[:] = np.full(final.shape, np.nan, dtype=np.float32)
@@ -579,7 +582,7 @@ def _weight_arrays(group: zarr.Group, param: Sequence[str], index: np.ndarray, i
             arr[:] = data
 
 
-def _clear(p: Path, overwrite: bool) -> None:
+def _clear(p: Location, overwrite: bool) -> None:
     """Make room for a new store at `p`: refuse an existing one unless `overwrite`."""
     if p.exists():
         if not overwrite:
@@ -590,22 +593,17 @@ def _clear(p: Path, overwrite: bool) -> None:
         _remove_store(p)
 
 
-def _remove_store(p: Path) -> None:
-    import shutil
-
-    if p.is_dir() and not (p / "zarr.json").exists() and any(p.iterdir()):
+def _remove_store(p: Location) -> None:
+    if p.local is not None and p.local.is_dir() and not p.is_file("zarr.json") and any(p.local.iterdir()):
         raise CorrtoolsError(
             f"{str(p)!r} is a non-empty directory that is not a Zarr store; refusing to overwrite it, "
             "choose another path"
         )
-    for part in [p, *sorted(p.joinpath(_SHARDS).glob("r*"))]:  # a sharded store: every rank's part
+    for part in [p, *_part_locations(p)]:  # a sharded store: every rank's part
         holder = _lock(part).holder()
         if holder is not None:
             raise _lock(part).busy(holder)
-    if p.is_dir():
-        shutil.rmtree(p)
-    else:
-        p.unlink()
+    p.remove()
 
 
 def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -647,15 +645,15 @@ def read_group(path: PathLike, name: str) -> xr.Dataset:
 
 
 # ------------------------------------------------------------------------------------- info
-def _du(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name != _LOCK_PATH[-1])
+def _du(p: Location) -> int:
+    return p.size(skip=_LOCK_PATH[-1])
 
 
 def run_info(path: PathLike) -> dict[str, Any]:
     """A summary of a run store (what `corrtools info` prints): status, steps, parameters, chunking,
     size on disk (bytes), arrays, result groups, attrs."""
-    p = Path(path)
-    group = _open_group(p)
+    p = Location(path)
+    group = _open_group(p.url)
     if _SHARDS in group.attrs:
         return _sharded_info(p, group)
     step_arr = _array(group, STEP)
@@ -698,9 +696,22 @@ def run_info(path: PathLike) -> dict[str, Any]:
 # never write the same chunk. `open_run` shows the rows every part has committed, as one (step,
 # weight) dataset equal to a single process's recording; `run_info` names the columns of parts that
 # are behind (a rank that died).
-def shard_path(path: PathLike, rank: int) -> Path:
+def shard_path(path: PathLike, rank: int) -> Path | str:
     """Where rank `rank` writes its part of the sharded store at `path` (a `RunWriter.create` path)."""
-    return Path(path) / _SHARDS / f"r{int(rank)}"
+    return store_path(Location(path).join(_SHARDS, f"r{int(rank)}").url)
+
+
+def _part_locations(p: Location) -> list[Location]:
+    if p.local is not None:
+        return [Location(q) for q in sorted(p.local.joinpath(_SHARDS).glob("r*"))]
+    return [p.join(_SHARDS, f"r{r}") for r in range(_world_size(p))]
+
+
+def _world_size(p: Location) -> int:
+    try:
+        return int(zarr.open_group(p.url, mode="r").attrs.get(_SHARDS, {}).get("world_size", 0))
+    except Exception:  # no store there, or not a sharded one
+        return 0
 
 
 def create_sharded(
@@ -713,7 +724,7 @@ def create_sharded(
 ) -> None:
     """Create the top of a sharded store (rank 0, before any rank creates its part): `param` (N,),
     `index` (N,) and the owner of each column range, `segments` [(rank, start, stop), ...]."""
-    p = Path(path)
+    p = Location(path)
     index = np.asarray(index, dtype=np.int64).reshape(-1)
     n = len(index)
     spans = [(int(r), int(a), int(b)) for r, a, b in segments]
@@ -728,7 +739,7 @@ def create_sharded(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         _SHARDS: {"world_size": int(world_size), "segments": [list(s) for s in spans]},
     }
-    group = zarr.create_group(str(p), zarr_format=3, attributes=attrs)
+    group = zarr.create_group(p.url, zarr_format=3, attributes=attrs)
     _weight_arrays(group, param, index, None)
     group.create_group(_SHARDS)
 
@@ -867,9 +878,9 @@ def _open_sharded(path: PathLike, group: zarr.Group, chunks: Any) -> xr.Dataset:
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-def _sharded_info(p: Path, group: zarr.Group) -> dict[str, Any]:
+def _sharded_info(p: Location, group: zarr.Group) -> dict[str, Any]:
     parts = _Parts(p, group)
-    ds = _open_sharded(p, group, None)
+    ds = _open_sharded(p.url, group, None)
     names = np.asarray(ds["param"].values)
     params: dict[str, int] = {}
     for name in names.tolist():
@@ -880,7 +891,7 @@ def _sharded_info(p: Path, group: zarr.Group) -> dict[str, Any]:
         ranks.append({
             "rank": r, "steps_written": parts.rows[r],
             "status": g.attrs.get("status") if g is not None else "never created",
-            "writer": _lock(shard_path(p, r)).holder() if g is not None else None,
+            "writer": _lock(Location(shard_path(p.url, r))).holder() if g is not None else None,
         })
         if parts.rows[r] < most:
             cols: dict[str, int] = {}
