@@ -879,7 +879,7 @@ def _open_sharded(path: PathLike, group: zarr.Group, chunks: Any) -> xr.Dataset:
 
 
 def _sharded_info(p: Location, group: zarr.Group) -> dict[str, Any]:
-    parts = _Parts(p, group)
+    parts = _Parts(p.url, group)
     ds = _open_sharded(p.url, group, None)
     names = np.asarray(ds["param"].values)
     params: dict[str, int] = {}

@@ -107,3 +107,37 @@ def test_a_dead_rank_leaves_a_store_that_opens_and_info_names_its_columns(tmp_pa
     assert "rank 1 committed 4 of 5 steps" in line
     for name, count in lost.items():
         assert f"{name} ({count})" in line
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_sharded_layout_joins_parts_and_guards_them(where, tmp_path):
+    """The store functions alone (no process group): two parts with interleaved segments."""
+    from corrtools.errors import CorrtoolsError
+    from corrtools.record.store import RunWriter, create_sharded, finish_sharded, shard_path
+
+    path = str(tmp_path / "s.zarr") if where == "local" else f"memory://sharded-{tmp_path.name}.zarr"
+    names = ["a"] * 5 + ["b"] * 4
+    segments = [(0, 0, 3), (1, 3, 5), (0, 5, 6), (1, 6, 9)]
+    full = np.arange(6 * 9, dtype=np.float32).reshape(6, 9)
+    create_sharded(path, names, np.arange(9), segments, world_size=2)
+    writers = {}
+    for r in (0, 1):
+        mine = [c for o, a, b in segments if o == r for c in range(a, b)]
+        writers[r] = RunWriter.create(shard_path(path, r), [names[c] for c in mine], np.array(mine),
+                                      initial=full[0, mine], chunk_steps=2)
+        writers[r].write_block(np.arange(1, 5), full[1:5, mine])
+    with pytest.raises(CorrtoolsError, match="being recorded by"):
+        create_sharded(path, names, np.arange(9), segments, world_size=2, overwrite=True)
+    writers[0].write_block([5], full[5:6, [0, 1, 2, 5]])  # rank 1 stays one row behind
+    ds = open_run(path)
+    np.testing.assert_array_equal(ds["values"].values, full[1:5])
+    np.testing.assert_array_equal(ds["initial"].values, full[0])
+    np.testing.assert_array_equal(open_run(path, chunks={})["values"].values, full[1:5])
+    np.testing.assert_array_equal(ds["values"][[0, 3], [8, 1, 4]].values, full[1:5][[0, 3]][:, [8, 1, 4]])
+    assert run_info(path)["missing"] == [{"rank": 1, "steps_written": 4, "of": 5, "params": {"a": 2, "b": 3}}]
+    for r, w in writers.items():
+        w.close(full[5, [c for o, a, b in segments if o == r for c in range(a, b)]], 5)
+    finish_sharded(path, 5)
+    assert open_run(path).attrs["status"] == "complete"
+    create_sharded(path, names, np.arange(9), segments, world_size=2, overwrite=True)  # free now
+    assert open_run(path).sizes["step"] == 0
