@@ -22,15 +22,35 @@ whose chunks are not on disk. Other arrays may be longer than `step` after such 
 (`open_run`) take the first ``len(step)`` rows and `RunWriter.resume` trims them. Durability against
 power loss (fsync) is not attempted.
 
-A lock file ``step/writer.lock`` inside the store (where Zarr never lists), held with ``flock`` while a `RunWriter` is open,
-refuses a second writer; the kernel releases it when the writing process dies, so a killed run can
-be resumed without manual cleanup.
+A lock file ``step/writer.lock`` inside the store (where Zarr never lists), held while a `RunWriter`
+is open, refuses a second writer; the kernel releases it when the writing process dies, so a killed
+run can be resumed without manual cleanup. Readers never take it (see `_lock`).
+
+Creation. A new store is built in a hidden sibling folder (``.NAME.<random>.new``) and renamed into
+place only once it is complete and locked, so a failed creation leaves nothing behind, two writers
+racing for one new path end with one store and a lock message for the other, and ``overwrite=True``
+replaces an existing run store only after the new one exists (the old one is renamed aside, the new
+one renamed in, then the old one deleted).
+
+Object stores. A path may be an fsspec URL (``s3://bucket/run.zarr``, ``memory://run.zarr``; see
+`_location`). There nothing can be renamed, so a store is built in place after its lock object is
+taken, ``overwrite=True`` deletes the old store first, and zarr writes each chunk as one atomic
+object (the direct chunk writer is local only). The commit order above is kept, so a writer killed
+mid-write leaves whole rows there too.
+
+Integrity. Every array carries a ``crc32c`` checksum after its codecs (Zarr v3's checksum codec), so
+a corrupted or truncated chunk fails to decode instead of giving other numbers, and `open_run`
+checks that every chunk of the committed rows exists (a missing chunk would read as fill values).
+Both raise a one-line `CorrtoolsError` naming the chunk. Stores written before the checksum was
+added are still read (without that protection).
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -49,6 +69,9 @@ from corrtools.record._lock import WriterLock
 __all__ = [
     "FORMAT",
     "RunWriter",
+    "check_chunking",
+    "check_compressor",
+    "check_new_store",
     "create_sharded",
     "default_chunks",
     "finish_sharded",
@@ -66,6 +89,8 @@ _LOCK_PATH = ("step", "writer.lock")  # inside an array's folder, where Zarr rea
 _TARGET_CHUNK_BYTES = 4 << 20  # ~4 MiB of float32 per `values` chunk before compression
 _MAX_CHUNK_WEIGHTS = 16384
 _FILL = {"f": np.nan, "b": False, "i": -1, "u": 0}
+_COMPRESSORS = ("lz4", "zstd", "none")
+_WRITE_ALL = {"write_empty_chunks": True}  # a written row always has its chunk on disk (see _missing_chunks)
 _SHARDS = "shards"  # the subgroup holding the parts of a sharded store, one per rank
 
 PathLike = str | os.PathLike[str]
@@ -82,6 +107,27 @@ def default_chunks(n_weights: int, itemsize: int = 4) -> tuple[int, int]:
     return int(min(max(chunk_steps, 16), 1024)), chunk_weights
 
 
+def check_chunking(chunk_steps: Any, chunk_weights: Any = None) -> None:
+    """CorrtoolsError unless each of chunk_steps / chunk_weights is None or a positive int."""
+    for name, v in (("chunk_steps", chunk_steps), ("chunk_weights", chunk_weights)):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise CorrtoolsError(f"{name}={v!r} must be a positive int (rows or columns per chunk) or None for the default")
+
+
+def check_compressor(name: Any) -> None:
+    """CorrtoolsError unless ``name`` is a known `values` codec name."""
+    if name not in _COMPRESSORS:
+        raise CorrtoolsError(f"compressor {name!r} is unknown; use 'lz4', 'zstd' or 'none'")
+
+
+def _codecs(name: str, checksum: bool = True) -> list[Any]:
+    """The bytes-to-bytes codecs of `values`: the compressor (if any), then the crc32c checksum."""
+    comp = _compressor(name)
+    return [*([comp] if comp is not None else []), *([zarr.codecs.Crc32cCodec()] if checksum else [])]
+
+
 def _compressor(name: str) -> Any:
     """The `values` codec. Measured on 41 x 100k float32 weights of the CharLM workload (see
     docs/recorder.md): blosc lz4 + bitshuffle stores 0.85 of the raw size (lz4 + byte shuffle
@@ -91,9 +137,8 @@ def _compressor(name: str) -> Any:
         return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=4)
     if name == "zstd":
         return zarr.codecs.ZstdCodec(level=1)
-    if name == "none":
-        return None
-    raise CorrtoolsError(f"compressor {name!r} is unknown; use 'lz4', 'zstd' or 'none'")
+    check_compressor(name)
+    return None
 
 
 # -------------------------------------------------------------------------------------- opening
@@ -115,27 +160,72 @@ def _open_group(path: PathLike, mode: str = "r") -> zarr.Group:
         raise _not_a_store(p)
     try:
         group = zarr.open_group(p.url, mode=mode, zarr_format=3)
+        fmt = group.attrs.get("corrtools_format")
     except Exception as err:  # malformed metadata, a Zarr v2 store, ...
         raise _not_a_store(p) from err
-    fmt = group.attrs.get("corrtools_format")
     if fmt is None:
         raise _not_a_store(p)
-    if fmt != FORMAT:
+    if isinstance(fmt, bool) or fmt != FORMAT or not isinstance(fmt, int):
         raise CorrtoolsError(
-            f"{str(p)!r} has corrtools_format {fmt!r} but this corrtools reads format {FORMAT}; "
-            "upgrade corrtools"
+            f"{str(p)!r} has corrtools_format {fmt!r} ({type(fmt).__name__}) but this corrtools reads "
+            f"format {FORMAT} (the integer); the store is damaged or from another version of corrtools, "
+            "record it again or upgrade corrtools"
         )
     return group
 
 
-def _array(group: zarr.Group, name: str) -> zarr.Array:
+def _where(group: zarr.Group) -> str:
+    return repr(str(getattr(group.store, "root", group.store_path)))
+
+
+def _damaged_metadata(group: zarr.Group, name: str, err: BaseException) -> CorrtoolsError:
+    return CorrtoolsError(
+        f"the metadata of {name!r} (file {name}/zarr.json) in run store {_where(group)} cannot be read "
+        f"({_reason(err)}); the store is damaged: restore that file from a backup or record the run again"
+    )
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "checksum" in text.lower():
+        return "checksum mismatch"
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _node(group: zarr.Group, name: str) -> zarr.Array | zarr.Group | None:
+    """The member `name` of the group, None if absent; damaged metadata is a CorrtoolsError."""
     try:
-        node = group[name]
+        return group[name]
     except KeyError:
-        node = None
+        return None
+    except Exception as err:  # garbage zarr.json
+        raise _damaged_metadata(group, name, err) from err
+
+
+def _member_names(group: zarr.Group) -> list[str]:
+    from zarr.core.sync import sync
+
+    async def collect() -> list[str]:
+        return [k async for k in group.store_path.store.list_dir(group.store_path.path)]
+
+    return sorted(k.rstrip("/") for k in sync(collect()) if k != "zarr.json")
+
+
+def _members(group: zarr.Group) -> dict[str, zarr.Array | zarr.Group]:
+    """Every array and subgroup of the group, by name (one by one, so damage names its member)."""
+    out = {}
+    for name in _member_names(group):
+        node = _node(group, name)
+        if node is not None:
+            out[name] = node
+    return out
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    node = _node(group, name)
     if not isinstance(node, zarr.Array):
         raise CorrtoolsError(
-            f"run store {str(group.store_path)!r} has no array {name!r}; it is damaged or not a "
+            f"run store {_where(group)} has no array {name!r}; it is damaged or not a "
             "corrtools run store, record it again"
         )
     return node
@@ -144,11 +234,127 @@ def _array(group: zarr.Group, name: str) -> zarr.Array:
 def _step_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
     """Every array whose first dimension is `step`, except `step` itself, by name."""
     out = {}
-    for name, node in group.arrays():
+    for name, node in _members(group).items():
+        if not isinstance(node, zarr.Array):
+            continue
         dims = node.metadata.dimension_names or ()
         if name != STEP and dims and dims[0] == STEP:
             out[name] = node
     return out
+
+
+def _groups(group: zarr.Group) -> list[str]:
+    """The result groups (the parts of a sharded store are not results)."""
+    return sorted(n for n, node in _members(group).items() if isinstance(node, zarr.Group) and n != _SHARDS)
+
+
+# ------------------------------------------------------------------------------------ integrity
+def _has_checksum(array: zarr.Array) -> bool:
+    return any(c.to_dict().get("name") == "crc32c" for c in array.metadata.codecs)
+
+
+def _chunk_keys(array: zarr.Array, rows: int) -> list[str]:
+    """Keys of the chunks that hold the first `rows` rows (every chunk along the other dims)."""
+    import itertools
+
+    counts = [-(-rows // int(array.chunks[0]))]
+    counts += [-(-int(s) // int(c)) for s, c in zip(array.shape[1:], array.chunks[1:])]
+    return [array.metadata.encode_chunk_key(idx) for idx in itertools.product(*map(range, counts))]
+
+
+def _stored_keys(array: zarr.Array) -> set[str]:
+    from zarr.core.sync import sync
+
+    prefix = array.store_path.path.rstrip("/") + "/"
+
+    async def collect() -> list[str]:
+        return [k async for k in array.store_path.store.list_prefix(prefix)]
+
+    return {k[len(prefix):] for k in sync(collect())}
+
+
+def _check_chunks(group: zarr.Group, n: int, arrays: Mapping[str, zarr.Array]) -> None:
+    """CorrtoolsError naming every chunk of the committed rows that is missing from the store.
+
+    Checked: `step`, `values`, `param`, `index`, and every other array written with a checksum (those
+    are written with all their chunks, fill-valued ones included); `final` only once complete."""
+    complete = group.attrs.get("status") == "complete"
+    missing: list[str] = []
+    for name, arr in arrays.items():
+        if name not in (STEP, "values", "param", "index") and not _has_checksum(arr):
+            continue  # an older store: zarr skipped chunks holding only fill values
+        if name == "final" and not complete:
+            continue
+        dims = arr.metadata.dimension_names or ()
+        rows = n if dims and dims[0] == STEP else int(arr.shape[0])
+        stored = _stored_keys(arr)
+        missing += [f"{name}/{k}" for k in _chunk_keys(arr, rows) if k not in stored]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CorrtoolsError(
+            f"run store {_where(group)} is missing {len(missing)} chunk file(s) of its {n} recorded "
+            f"rows ({shown}); the store is damaged: restore them from a backup or record the run again"
+        )
+
+
+def _check_steps(group: zarr.Group, steps: np.ndarray) -> None:
+    if steps.size and (steps[0] < 0 or np.any(np.diff(steps) <= 0)):
+        raise CorrtoolsError(
+            f"the `step` array of run store {_where(group)} does not increase (it holds "
+            f"{steps[:3].tolist()}...); the store is damaged: record the run again"
+        )
+
+
+def _damaged_chunk(array: zarr.Array, key: Any, err: BaseException) -> CorrtoolsError:
+    """The error for a failed read of `array[key]`: finds and names the chunk that fails to decode."""
+    import itertools
+
+    bad = None
+    ranges = []
+    for k, size, chunk in zip(key if isinstance(key, tuple) else (key,), array.shape, array.chunks):
+        if isinstance(k, slice):
+            lo, hi, _ = k.indices(size)
+        elif isinstance(k, (int, np.integer)):
+            lo, hi = int(k), int(k) + 1
+        else:
+            idx = np.asarray(k).reshape(-1)
+            lo, hi = (int(idx.min()), int(idx.max()) + 1) if idx.size else (0, 0)
+        ranges.append(range(lo // chunk, -(-hi // chunk)))
+    for idx in itertools.product(*ranges):
+        try:
+            array.blocks[idx]
+        except Exception:
+            bad = array.metadata.encode_chunk_key(idx)
+            break
+    name = array.path
+    what = f"chunk {name}/{bad}" if bad else f"a chunk of {name!r}"
+    return CorrtoolsError(
+        f"{what} of run store {str(getattr(array.store, 'root', array.store_path))!r} cannot be decoded "
+        f"({_reason(err)}); the file is damaged: restore it from a backup or record the run again"
+    )
+
+
+def _read(array: zarr.Array, key: Any, outer: bool = False) -> np.ndarray:
+    """``array[key]`` (or ``array.oindex[key]``) as numpy; a chunk that fails to decode is a
+    CorrtoolsError naming it."""
+    try:
+        return np.asarray(array.oindex[key] if outer else array[key])
+    except CorrtoolsError:
+        raise
+    except Exception as err:
+        raise _damaged_chunk(array, key, err) from err
+
+
+class _Checked:
+    """An array-like over a zarr array whose reads go through `_read` (for dask.array.from_array)."""
+
+    def __init__(self, array: zarr.Array):
+        self._array = array
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.chunks = array.chunks
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return _read(self._array, key)
 
 
 class _LazyRows(BackendArray):
@@ -167,7 +373,7 @@ class _LazyRows(BackendArray):
     def _raw_getitem(self, key: tuple) -> np.ndarray:
         # slices are bounded by our shape, not by the (possibly longer) zarr array
         key = tuple(slice(*k.indices(s)) if isinstance(k, slice) else k for k, s in zip(key, self.shape))
-        return np.asarray(self._array.oindex[key])
+        return _read(self._array, key, outer=True)
 
 
 def _dask_rows(array: zarr.Array, n: int, dims: Sequence[str], chunks: Any) -> Any:
@@ -176,9 +382,11 @@ def _dask_rows(array: zarr.Array, n: int, dims: Sequence[str], chunks: Any) -> A
     native = tuple(array.chunks)
     shape = (n, *array.shape[1:])
     norm = _chunk_spec(chunks, dims, native, shape, array.dtype)
+    checked = _Checked(array)
     if n == array.shape[0]:
-        return da.from_array(array, chunks=norm, lock=False, asarray=True)
-    return da.from_array(array, chunks=native, lock=False, asarray=True)[:n].rechunk(norm)
+        return da.from_array(checked, chunks=norm, lock=False, asarray=True, meta=np.empty((0,) * array.ndim, array.dtype))
+    full = da.from_array(checked, chunks=native, lock=False, asarray=True, meta=np.empty((0,) * array.ndim, array.dtype))
+    return full[:n].rechunk(norm)
 
 
 def _chunk_spec(chunks: Any, dims: Sequence[str], native: tuple[int, ...], shape: tuple[int, ...], dtype: Any) -> Any:
@@ -199,6 +407,21 @@ def _chunk_spec(chunks: Any, dims: Sequence[str], native: tuple[int, ...], shape
     return da.core.normalize_chunks(spec, shape=shape, dtype=dtype, previous_chunks=native)
 
 
+def _check_shapes(group: zarr.Group, n: int, core: Mapping[str, zarr.Array], arrays: Mapping[str, zarr.Array]) -> None:
+    """CorrtoolsError when the arrays' shapes do not fit together (damaged metadata)."""
+    n_weights = int(core["values"].shape[1]) if core["values"].ndim == 2 else -1
+    problems = [f"{name!r} has shape {tuple(a.shape)}" for name, a in core.items()
+                if name != "values" and tuple(a.shape) != (n_weights,)]
+    problems += [f"{name!r} has {a.shape[0]} rows but `step` has {n}" for name, a in arrays.items() if a.shape[0] < n]
+    if core["values"].ndim != 2 or "values" not in arrays:
+        problems.insert(0, f"'values' has dimensions {core['values'].metadata.dimension_names}")
+    if problems:
+        raise CorrtoolsError(
+            f"run store {_where(group)} is damaged: {'; '.join(problems)} (expected {n} rows of "
+            f"{n_weights} weights); record the run again"
+        )
+
+
 def _strings(values: Any) -> np.ndarray:
     return np.asarray([str(v) for v in np.asarray(values).tolist()], dtype=str)
 
@@ -216,27 +439,26 @@ def open_run(path: PathLike, chunks: None | str | Mapping[str, int] = None) -> x
     group = _open_group(path)
     if _SHARDS in group.attrs:
         return _open_sharded(path, group, chunks)
-    step_arr = _array(group, STEP)
+    step_arr = _array(group, STEP)  # first: the other arrays are at least as long (commit order)
     n = int(step_arr.shape[0])
-    steps = np.asarray(step_arr[:], dtype=np.int64)
+    core = {name: _array(group, name) for name in ("values", "param", "index", "initial", "final")}
+    arrays = _step_arrays(group)
+    _check_shapes(group, n, core, arrays)
+    _check_chunks(group, n, {STEP: step_arr, **core, **arrays})
+    steps = _read(step_arr, slice(0, n)).astype(np.int64)
+    _check_steps(group, steps)
     weight_coords = {
-        "param": _strings(_array(group, "param")[:]),
-        "index": np.asarray(_array(group, "index")[:], dtype=np.int64),
-        "initial": np.asarray(_array(group, "initial")[:], dtype=np.float32),
-        "final": np.asarray(_array(group, "final")[:], dtype=np.float32),
+        "param": _strings(_read(core["param"], slice(None))),
+        "index": _read(core["index"], slice(None)).astype(np.int64),
+        "initial": _read(core["initial"], slice(None)).astype(np.float32),
+        "final": _read(core["final"], slice(None)).astype(np.float32),
     }
     data_vars: dict[Hashable, xr.Variable] = {}
-    arrays = _step_arrays(group)
     for name in sorted(arrays, key=lambda k: (k != "values", k)):
         arr = arrays[name]
         dims = tuple(arr.metadata.dimension_names)
-        if arr.shape[0] < n:
-            raise CorrtoolsError(
-                f"array {name!r} in {str(path)!r} has {arr.shape[0]} rows but `step` has {n}; "
-                "the store is damaged, record it again"
-            )
         if arr.ndim == 1:
-            data = np.asarray(arr[:n])
+            data = _read(arr, slice(0, n))
         elif chunks is None:
             data = indexing.LazilyIndexedArray(_LazyRows(arr, n))
         else:
@@ -251,7 +473,9 @@ def open_run(path: PathLike, chunks: None | str | Mapping[str, int] = None) -> x
 
 
 # ------------------------------------------------------------------------------------- writing
-def _lock(store: Location) -> WriterLock | ObjectLock:
+def _lock(store: Location | Path) -> WriterLock | ObjectLock:
+    if not isinstance(store, Location):
+        store = Location(store)
     return store.lock(*_LOCK_PATH, what=f"run store {str(store)!r}")
 
 
@@ -263,15 +487,17 @@ def _grown(array: zarr.Array, rows: int) -> zarr.Array:
 
 
 class _DirectChunks:
-    """Writes whole `values` chunks (float32, C order, bytes + blosc or bytes only) with numcodecs
-    and one atomic file write each, bypassing zarr's async machinery, which here cost ~2x the CPU of
-    compressing and writing. The bytes are what zarr writes for the same chunk (tested); used only
-    for blocks that start on a chunk boundary, with any other codec zarr is used instead."""
+    """Writes whole `values` chunks (float32, C order: bytes, optionally blosc, optionally crc32c)
+    with numcodecs and one atomic file write each, bypassing zarr's async machinery, which here cost
+    ~2x the CPU of compressing and writing. The bytes are what zarr writes for the same chunk
+    (tested); used only for blocks that start on a chunk boundary, with any other codec zarr is used
+    instead."""
 
-    def __init__(self, array: zarr.Array, folder: Path, codec: Any):
+    def __init__(self, array: zarr.Array, folder: Path, codec: Any, checksum: bool):
         self._array = array
         self._folder = folder
         self._codec = codec
+        self._checksum = checksum
         self._cs, self._cw = (int(c) for c in array.chunks)
 
     @classmethod
@@ -283,22 +509,26 @@ class _DirectChunks:
             return None
         if not codecs or codecs[0] != {"name": "bytes", "configuration": {"endian": "little"}}:
             return None
-        if len(codecs) == 1:
-            return cls(array, folder, None)
-        if len(codecs) != 2 or codecs[1].get("name") != "blosc":
+        checksum = codecs[-1].get("name") == "crc32c"
+        middle = codecs[1:-1] if checksum else codecs[1:]
+        if not middle:
+            return cls(array, folder, None, checksum)
+        if len(middle) != 1 or middle[0].get("name") != "blosc":
             return None
-        cfg = codecs[1]["configuration"]
+        cfg = middle[0]["configuration"]
         shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
                    "bitshuffle": numcodecs.Blosc.BITSHUFFLE}.get(cfg.get("shuffle"))
         if shuffle is None or cfg.get("typesize") != 4:
             return None
         codec = numcodecs.Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=shuffle,
                                 blocksize=cfg.get("blocksize", 0))
-        return cls(array, folder, codec)
+        return cls(array, folder, codec, checksum)
 
     def write_rows(self, row0: int, values: np.ndarray) -> None:
         """Write rows [row0, row0 + k) of (k, N) `values`; row0 is a multiple of chunk_steps. Chunks
         are padded with NaN (the fill value) past the last row and the last column."""
+        import google_crc32c  # a dependency of zarr's crc32c codec
+
         cs, cw = self._cs, self._cw
         k, n = values.shape
         for r in range(0, k, cs):
@@ -317,6 +547,8 @@ class _DirectChunks:
                 tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
                 with open(tmp, "wb") as f:
                     f.write(data)
+                    if self._checksum:  # zarr's crc32c codec: 4 bytes, little-endian, after the data
+                        f.write(np.uint32(google_crc32c.value(data)).astype("<u4").tobytes())
                 os.replace(tmp, target)
 
 
@@ -336,9 +568,9 @@ class RunWriter:
         self.path = store_path(path.url)
         self._group = group
         self._lock = lock
-        self._step = _array(group, STEP)
-        self._values = _array(group, "values")
-        self._extra = _step_arrays(group)
+        self._step = _array(group, STEP).with_config(_WRITE_ALL)
+        self._values = _array(group, "values").with_config(_WRITE_ALL)
+        self._extra = {k: a.with_config(_WRITE_ALL) for k, a in _step_arrays(group).items()}
         self._extra.pop("values")
         self.n_weights = int(self._values.shape[1])
         self.n_steps = int(self._step.shape[0])
@@ -360,9 +592,15 @@ class RunWriter:
         chunk_weights: int | None = None,
         overwrite: bool = False,
         compressor: str = "lz4",
+        checksum: bool = True,
     ) -> RunWriter:
         """Create a store with N weight columns: `param` (N,) names, `index` (N,) int64 flat
-        indices, `initial` (N,) float32 values; status "recording". `attrs` must be JSON-able."""
+        indices, `initial` (N,) float32 values; status "recording". `attrs` must be JSON-able.
+
+        Every argument is checked before anything is written. The store is built beside `path` and
+        renamed into place (see the module docstring): ``overwrite=True`` replaces an existing
+        corrtools run store only once the new one exists, and never replaces anything else.
+        ``checksum=False`` leaves out the crc32c codec (for measuring what it costs)."""
         p = Location(path)
         index = np.asarray(index, dtype=np.int64).reshape(-1)
         initial = np.asarray(initial, dtype=np.float32).reshape(-1)
@@ -372,39 +610,68 @@ class RunWriter:
                 f"param, index and initial must have the same non-zero length, got {len(param)}, "
                 f"{len(index)}, {len(initial)}; pass one entry per recorded weight"
             )
+        check_chunking(chunk_steps, chunk_weights)
         cs_default, cw_default = default_chunks(n)
         cs = int(chunk_steps or cs_default)
         cw = int(min(chunk_weights or cw_default, n))
-        if cs < 1 or cw < 1:
-            raise CorrtoolsError(f"chunk_steps={cs} and chunk_weights={cw} must be positive integers")
-        _clear(p, overwrite)
-        if p.local is not None:
-            p.local.joinpath(*_LOCK_PATH[:-1]).mkdir(parents=True, exist_ok=False)
-        lock = _lock(p)
-        lock.acquire()
-        try:
-            base = {
-                "corrtools_format": FORMAT,
-                "status": "recording",
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            }
-            user = _jsonable(dict(attrs or {}))
-            group = zarr.create_group(p.url, zarr_format=3, attributes={**user, **base})
-            comp = _compressor(compressor)
+        codecs = _codecs(compressor, checksum)
+        crc = [zarr.codecs.Crc32cCodec()] if checksum else []
+        base = {
+            "corrtools_format": FORMAT,
+            "status": "recording",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        user = _jsonable(dict(attrs or {}))
+        check_new_store(p.url, overwrite)
+
+        def build(where: str) -> None:
+            group = zarr.create_group(where, zarr_format=3, attributes={**user, **base})
             group.create_array(
                 STEP, shape=(0,), chunks=(cs,), dtype="int64", fill_value=-1,
-                dimension_names=(STEP,), compressors=None,
+                dimension_names=(STEP,), compressors=crc, config=_WRITE_ALL,
             )
             group.create_array(
                 "values", shape=(0, n), chunks=(cs, cw), dtype="float32", fill_value=np.nan,
-                dimension_names=(STEP, WEIGHT), compressors=comp,
+                dimension_names=(STEP, WEIGHT), compressors=codecs, config=_WRITE_ALL,
                 attributes={"coordinates": "param index initial final"},
             )
-            _weight_arrays(group, param, index, initial)
+            _weight_arrays(group, param, index, initial, crc)
+
+        if p.local is None:  # an object store: no rename, build in place under the lock object
+            return cls._create_in_place(p, build, overwrite)
+        p = p.local
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CorrtoolsError(
+                f"cannot create the folder {str(p.parent)!r} for the run store ({err.strerror}); "
+                "choose a path in a writable folder"
+            ) from None
+        tmp = p.parent / f".{p.name}.{uuid.uuid4().hex[:8]}.new"
+        tmp.joinpath(*_LOCK_PATH[:-1]).mkdir(parents=True)
+        lock = _lock(tmp)
+        lock.acquire()
+        try:
+            build(str(tmp))
+            _install(tmp, p, lock, overwrite)
+        except BaseException:
+            lock.release()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(Location(p), zarr.open_group(str(p), mode="r+", zarr_format=3), lock)
+
+    @classmethod
+    def _create_in_place(cls, p: Location, build: Any, overwrite: bool) -> RunWriter:
+        if overwrite and p.exists():
+            p.remove()  # check_new_store found no writer; an object store cannot swap atomically
+        lock = _lock(p)
+        lock.acquire()
+        try:
+            build(p.url)
         except BaseException:
             lock.release()
             raise
-        return cls(p, group, lock)
+        return cls(p, zarr.open_group(p.url, mode="r+", zarr_format=3), lock)
 
     @classmethod
     def resume(cls, path: PathLike) -> RunWriter:
@@ -421,7 +688,7 @@ class RunWriter:
                     arr.resize((n, *arr.shape[1:]))
             for leftover in p.local.rglob("*.partial") if p.local else ():  # writes cut short by a kill
                 leftover.unlink(missing_ok=True)
-            final = _array(group, "final")
+            final = _array(group, "final").with_config(_WRITE_ALL)  # a NaN chunk, not a deleted one
             final[:] = np.full(final.shape, np.nan, dtype=np.float32)
             attrs = dict(group.attrs)
             attrs.pop("total_steps", None)
@@ -527,8 +794,11 @@ class RunWriter:
             shape, chunks, dims = (rows, self.n_weights), (self.chunk_steps, self.chunk_weights), (STEP, WEIGHT)
         arr = self._group.create_array(
             name, shape=shape, chunks=chunks, dtype=data.dtype, fill_value=_fill_for(data.dtype),
-            dimension_names=dims, overwrite=True,
+            dimension_names=dims, overwrite=True, config=_WRITE_ALL,
+            compressors=[zarr.codecs.Crc32cCodec()] if _has_checksum(self._values) else "auto",
         )
+        if rows:  # the rows before its first use hold fill values, in chunks on disk like any other
+            arr[:rows] = np.full((rows, *shape[1:]), _fill_for(data.dtype), dtype=data.dtype)
         self._extra[name] = arr
         return arr
 
@@ -565,7 +835,9 @@ class RunWriter:
         self.abandon()
 
 
-def _weight_arrays(group: zarr.Group, param: Sequence[str], index: np.ndarray, initial: np.ndarray | None) -> None:
+def _weight_arrays(
+    group: zarr.Group, param: Sequence[str], index: np.ndarray, initial: np.ndarray | None, crc: list[Any]
+) -> None:
     """The (weight,) arrays param, index, and (when `initial` is given) initial and final."""
     n = len(index)
     arrays = [("param", param, str, ""), ("index", index, "int64", -1)]
@@ -574,7 +846,7 @@ def _weight_arrays(group: zarr.Group, param: Sequence[str], index: np.ndarray, i
     for name, data, dtype, fill in arrays:
         arr = group.create_array(
             name, shape=(n,), chunks=(min(n, 1 << 20),), dtype=dtype, fill_value=fill,
-            dimension_names=(WEIGHT,),
+            dimension_names=(WEIGHT,), compressors=[*([] if dtype is str else crc)], config=_WRITE_ALL,
         )
         if name == "param":
             arr[:] = np.asarray([str(s) for s in param], dtype=object)
@@ -582,28 +854,95 @@ def _weight_arrays(group: zarr.Group, param: Sequence[str], index: np.ndarray, i
             arr[:] = data
 
 
-def _clear(p: Location, overwrite: bool) -> None:
-    """Make room for a new store at `p`: refuse an existing one unless `overwrite`."""
-    if p.exists():
+def _is_run_store(p: Path | Location) -> bool:
+    if isinstance(p, Location):
+        try:
+            _open_group(p.url)
+            return True
+        except CorrtoolsError:
+            return False
+    try:
+        return "corrtools_format" in json.loads((p / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_new_store(path: PathLike, overwrite: bool = False) -> None:
+    """CorrtoolsError unless a new run store may be created at ``path``: nothing is there, or with
+    ``overwrite`` a corrtools run store that no writer holds (or an empty folder); of a sharded
+    store, no rank's part may be held either. Writes nothing."""
+    where = Location(path)
+    if where.local is None:
+        if not where.exists():
+            return
+        for part in [where, *_part_locations(where)]:
+            holder = _lock(part).holder()
+            if holder is not None:
+                raise _lock(part).busy(holder)
         if not overwrite:
             raise CorrtoolsError(
-                f"{str(p)!r} already exists; pass overwrite=True to replace it or resume=True to "
-                "continue it"
+                f"{where.url!r} already exists; pass overwrite=True to replace it or resume=True to continue it"
             )
-        _remove_store(p)
-
-
-def _remove_store(p: Location) -> None:
-    if p.local is not None and p.local.is_dir() and not p.is_file("zarr.json") and any(p.local.iterdir()):
+        if _is_run_store(where):
+            return
         raise CorrtoolsError(
-            f"{str(p)!r} is a non-empty directory that is not a Zarr store; refusing to overwrite it, "
-            "choose another path"
+            f"{where.url!r} exists and is not a corrtools run store; refusing to replace it with "
+            "overwrite=True, delete it yourself or choose another path"
         )
-    for part in [p, *_part_locations(p)]:  # a sharded store: every rank's part
+    p = where.local
+    if not (p.exists() or p.is_symlink()):
+        return
+    for part in [p, *_part_locations(where)] if p.is_dir() else []:
         holder = _lock(part).holder()
         if holder is not None:
             raise _lock(part).busy(holder)
-    p.remove()
+    if not overwrite:
+        raise CorrtoolsError(
+            f"{str(p)!r} already exists; pass overwrite=True to replace it or resume=True to continue it"
+        )
+    if p.is_dir() and not p.is_symlink() and (_is_run_store(p) or not any(p.iterdir())):
+        return
+    raise CorrtoolsError(
+        f"{str(p)!r} exists and is not a corrtools run store; refusing to replace it with "
+        "overwrite=True, delete it yourself or choose another path"
+    )
+
+
+def _install(tmp: Path, p: Path, lock: WriterLock, overwrite: bool) -> None:
+    """Rename the finished store `tmp` (its lock held) to `p`; with `overwrite`, an existing run store
+    at `p` is renamed aside first and deleted only after the new one is in place."""
+    old = None
+    old_lock = None
+    if overwrite and p.is_dir() and _is_run_store(p):
+        old_lock = _lock(p)
+        try:
+            old_lock.acquire()  # no writer may start on the old store while it is replaced
+        except FileNotFoundError:  # a run store without a step/ folder: damaged, nobody writes it
+            old_lock = None
+        old = p.parent / f".{p.name}.{uuid.uuid4().hex[:8]}.old"
+        os.rename(p, old)
+    try:
+        os.rename(tmp, p)  # replaces only an empty folder; fails if another store got there first
+    except OSError as err:
+        if old is not None:
+            os.rename(old, p)
+        if old_lock is not None:
+            old_lock.release()
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+        holder = _lock(p).holder()
+        if holder is not None:
+            raise _lock(p).busy(holder) from None
+        raise CorrtoolsError(
+            f"{str(p)!r} was created by someone else while this store was being made; pass "
+            "resume=True to continue it or choose another path"
+        ) from None
+    lock.moved_to(p.joinpath(*_LOCK_PATH))
+    if old is not None:
+        if old_lock is not None:
+            old_lock.moved_to(old.joinpath(*_LOCK_PATH))
+            old_lock.release()
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -636,7 +975,7 @@ def write_group(path: PathLike, name: str, ds: xr.Dataset, overwrite: bool = Tru
 def read_group(path: PathLike, name: str) -> xr.Dataset:
     """Read the result subgroup `name` of the run store at `path`, loaded into memory."""
     group = _open_group(path)
-    groups = [g for g, _ in group.groups()]
+    groups = _groups(group)
     if name not in groups:
         hint = close_matches(name, groups) or (f" (it has {groups})" if groups else " (it has none)")
         raise CorrtoolsError(f"run store {str(path)!r} has no result group {name!r}{hint}; compute it first")
@@ -657,11 +996,18 @@ def run_info(path: PathLike) -> dict[str, Any]:
     if _SHARDS in group.attrs:
         return _sharded_info(p, group)
     step_arr = _array(group, STEP)
-    values = _array(group, "values")
     n = int(step_arr.shape[0])
-    first = int(step_arr[0]) if n else None
-    last = int(step_arr[n - 1]) if n else None
-    names = _strings(_array(group, "param")[:])
+    core = {name: _array(group, name) for name in ("values", "param", "index", "initial", "final")}
+    arrays = _step_arrays(group)
+    _check_shapes(group, n, core, arrays)
+    _check_chunks(group, n, {STEP: step_arr, **core, **arrays})
+    values = core["values"]
+    ends = _read(step_arr, sorted({0, n - 1})).astype(np.int64) if n else None
+    if ends is not None:
+        _check_steps(group, ends)
+    first = int(ends[0]) if n else None
+    last = int(ends[-1]) if n else None
+    names = _strings(_read(core["param"], slice(None)))
     params: dict[str, int] = {}
     for name in names.tolist():
         params[name] = params.get(name, 0) + 1
@@ -679,8 +1025,8 @@ def run_info(path: PathLike) -> dict[str, Any]:
         "params": params,
         "chunks": {"step": int(values.chunks[0]), "weight": int(values.chunks[1])},
         "codecs": [c.to_dict().get("name") for c in comp],
-        "optional": sorted(_step_arrays(group).keys() - {"values"}),
-        "groups": sorted(g for g, _ in group.groups() if g != _SHARDS),
+        "optional": sorted(arrays.keys() - {"values"}),
+        "groups": _groups(group),
         "size_bytes": _du(p),
         "writer": _lock(p).holder(),
         "attrs": attrs,
@@ -732,7 +1078,9 @@ def create_sharded(
         raise CorrtoolsError(  # pragma: no cover - built by record/distributed.py
             f"segments {spans[:4]}... do not cover the {n} columns in order; pass consecutive ranges"
         )
-    _clear(p, overwrite)
+    check_new_store(p.url, overwrite)
+    if overwrite and p.exists():  # no writer holds it (checked); a sharded store is not renamed in
+        p.remove()
     attrs = {
         "corrtools_format": FORMAT,
         "status": "recording",
@@ -740,7 +1088,7 @@ def create_sharded(
         _SHARDS: {"world_size": int(world_size), "segments": [list(s) for s in spans]},
     }
     group = zarr.create_group(p.url, zarr_format=3, attributes=attrs)
-    _weight_arrays(group, param, index, None)
+    _weight_arrays(group, param, index, None, [zarr.codecs.Crc32cCodec()])
     group.create_group(_SHARDS)
 
 
@@ -778,7 +1126,7 @@ class _Parts:
         for r, a, b, la in self.segments:
             g = self.groups[r]
             if g is not None:
-                out[a:b] = _array(g, name)[la : la + b - a]
+                out[a:b] = _read(_array(g, name), slice(la, la + b - a))
         return out
 
     def columns(self, name: str) -> list[tuple[zarr.Array, int, int, int]]:
@@ -814,7 +1162,7 @@ class _LazyColumns(BackendArray):
             local = want[hit] - a + la
             contiguous = np.array_equal(local, np.arange(local[0], local[0] + local.size))
             sel = slice(int(local[0]), int(local[0]) + local.size) if contiguous else local
-            block = np.asarray(arr.oindex[rows, sel]).reshape(n_rows, -1)
+            block = _read(arr, (rows, sel), outer=True).reshape(n_rows, -1)
             if contiguous and np.array_equal(hit, np.arange(hit[0], hit[0] + hit.size)):
                 out[:, hit[0] : hit[0] + hit.size] = block
             else:
@@ -832,7 +1180,8 @@ def _sharded_data(parts: _Parts, name: str, chunks: Any) -> Any:
     import dask.array as da
 
     pieces = [
-        da.from_array(arr, chunks=arr.chunks, lock=False, asarray=True)[: parts.n, la : la + b - a]
+        da.from_array(_Checked(arr), chunks=arr.chunks, lock=False, asarray=True,
+                      meta=np.empty((0, 0), arr.dtype))[: parts.n, la : la + b - a]
         for arr, a, b, la in columns
     ]
     whole = da.concatenate(pieces, axis=1)
@@ -844,17 +1193,19 @@ def _open_sharded(path: PathLike, group: zarr.Group, chunks: Any) -> xr.Dataset:
     parts = _Parts(path, group)
     n = parts.n
     first = parts.groups[0]
-    steps = np.asarray(_array(first, STEP)[:n], dtype=np.int64) if first is not None else np.zeros(0, np.int64)
+    steps = _read(_array(first, STEP), slice(0, n)).astype(np.int64) if first is not None else np.zeros(0, np.int64)
     for r, g in parts.groups.items():
-        if g is not None and not np.array_equal(np.asarray(_array(g, STEP)[:n]), steps):
+        if g is not None:  # each part's committed rows have all their chunks
+            _check_chunks(g, parts.rows[r], {STEP: _array(g, STEP), **_step_arrays(g)})
+        if g is not None and not np.array_equal(_read(_array(g, STEP), slice(0, n)), steps):
             raise CorrtoolsError(
                 f"the parts of {str(path)!r} recorded different steps (rank {r} differs from rank 0); "
                 "the store is damaged, record it again"
             )
     coords = {
         STEP: (STEP, steps),
-        "param": (WEIGHT, _strings(_array(group, "param")[:])),
-        "index": (WEIGHT, np.asarray(_array(group, "index")[:], dtype=np.int64)),
+        "param": (WEIGHT, _strings(_read(_array(group, "param"), slice(None)))),
+        "index": (WEIGHT, _read(_array(group, "index"), slice(None)).astype(np.int64)),
         "initial": (WEIGHT, parts.weights("initial")),
         "final": (WEIGHT, parts.weights("final")),
     }
@@ -863,7 +1214,7 @@ def _open_sharded(path: PathLike, group: zarr.Group, chunks: Any) -> xr.Dataset:
         for name, arr in sorted(_step_arrays(first).items(), key=lambda kv: (kv[0] != "values", kv[0])):
             dims = tuple(arr.metadata.dimension_names)
             if arr.ndim == 1:  # per-step data (loss, lr): rank 0's
-                data: Any = np.asarray(arr[:n])
+                data: Any = _read(arr, slice(0, n))
             else:
                 data = _sharded_data(parts, name, chunks)
             var = xr.Variable(dims, data, attrs=dict(arr.attrs))
@@ -919,7 +1270,7 @@ def _sharded_info(p: Location, group: zarr.Group) -> dict[str, Any]:
         "chunks": {"step": int(values.chunks[0]), "weight": int(values.chunks[1])} if values is not None else {},
         "codecs": [c.to_dict().get("name") for c in values.metadata.codecs] if values is not None else [],
         "optional": sorted(set(ds.data_vars) - {"values"}),
-        "groups": sorted(g for g, _ in group.groups() if g != _SHARDS),
+        "groups": _groups(group),
         "size_bytes": _du(p),
         "writer": "; ".join(writers) or None,
         "ranks": ranks,
