@@ -124,7 +124,7 @@ def test_masked_model_pickles_with_torch_save():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_regularize_takes_effect_in_half_precision(dtype):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2)).to(dtype)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 2)).to(dtype)
     sp = Sparsifier(model, None, density=0.25, exploit=Regularize(beta=2e-4), rewire_every=10_000)
     mask = sp.masks["0.weight"]
     w0 = model[0].weight.detach().float().clone()
