@@ -628,16 +628,51 @@ def _du(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name != _LOCK_PATH[-1])
 
 
+def _progress(p: Path, step_arr: zarr.Array, steps: np.ndarray, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """When rows were last committed and how fast, from file times alone (no lock, no writes).
+
+    The metadata of `step` is rewritten last in every commit, so its mtime is the last write. Each
+    chunk of `step` is written once, by the commit that fills it, so the mtimes of the last few
+    chunks against the steps they end at give the recent recording rate (optimizer steps per second);
+    with a single chunk, the rate since `created` is used instead."""
+    meta = p / STEP / "zarr.json"
+    last = meta.stat().st_mtime if meta.exists() else None
+    out: dict[str, Any] = {"last_write": None, "seconds_since_write": None, "steps_per_second": None}
+    if last is None or steps.size == 0:
+        return out
+    now = _dt.datetime.now(_dt.timezone.utc).timestamp()
+    out["last_write"] = _dt.datetime.fromtimestamp(last, _dt.timezone.utc).isoformat(timespec="seconds")
+    out["seconds_since_write"] = max(0.0, now - last)
+    cs, n = int(step_arr.chunks[0]), steps.size
+    ends: list[tuple[float, int]] = []  # (mtime, step at the chunk's last committed row)
+    for k in range(max(0, (n - 1) // cs - 8), (n - 1) // cs + 1):
+        f = p / STEP / step_arr.metadata.encode_chunk_key((k,))
+        if f.exists():
+            ends.append((f.stat().st_mtime, int(steps[min((k + 1) * cs, n) - 1])))
+    if len(ends) >= 2 and ends[-1][0] > ends[0][0]:
+        out["steps_per_second"] = (ends[-1][1] - ends[0][1]) / (ends[-1][0] - ends[0][0])
+    else:
+        try:
+            start = _dt.datetime.fromisoformat(str(attrs.get("created"))).timestamp()
+        except ValueError:
+            return out
+        if last > start:
+            out["steps_per_second"] = float(steps[-1]) / (last - start)
+    return out
+
+
 def run_info(path: PathLike) -> dict[str, Any]:
     """A summary of a run store (what `corrtools info` prints): status, steps, parameters, chunking,
-    size on disk (bytes), arrays, result groups, attrs."""
+    size on disk (bytes), arrays, result groups, attrs, and progress: ``last_write`` (ISO time of the
+    last committed row), ``seconds_since_write`` and ``steps_per_second`` (the recent recording rate)."""
     p = Path(path)
     group = _open_group(p)
     step_arr = _array(group, STEP)
     values = _array(group, "values")
     n = int(step_arr.shape[0])
-    first = int(step_arr[0]) if n else None
-    last = int(step_arr[n - 1]) if n else None
+    steps = np.asarray(step_arr[:], dtype=np.int64) if n else np.zeros(0, np.int64)
+    first = int(steps[0]) if n else None
+    last = int(steps[-1]) if n else None
     names = _strings(_array(group, "param")[:])
     params: dict[str, int] = {}
     for name in names.tolist():
@@ -660,5 +695,6 @@ def run_info(path: PathLike) -> dict[str, Any]:
         "groups": sorted(g for g, _ in group.groups()),
         "size_bytes": _du(p),
         "writer": _lock(p).holder(),
+        "progress": _progress(p, step_arr, steps, attrs),
         "attrs": attrs,
     }
