@@ -18,6 +18,9 @@
    prints weight-steps/s per thread count and the ratio to the first; each count's peak memory is
    measured in a process of its own.
 Prints weight-steps per second for both, their ratio and the peak memory; the last line is JSON.
+
+``--checksum-cost`` also builds the same store without the crc32c checksum codec and times
+`delta_by_magnitude` on both, alternating, each in a fresh process (``--repeat`` times each).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build_store(path: Path, T: int, N: int, seed: int = 0) -> dict:
+def build_store(path: Path, T: int, N: int, seed: int = 0, checksum: bool = True) -> dict:
     """A run store of T rows x N weights in 4 parameters; returns a summary of its layout."""
     from corrtools.record.store import RunWriter, run_info
 
@@ -50,7 +53,8 @@ def build_store(path: Path, T: int, N: int, seed: int = 0) -> dict:
     drift = np.where(rng.random(N) < 0.1, 2e-3, 0.0).astype(np.float32)
     state = rng.standard_normal(N).astype(np.float32)
     initial = state.copy()
-    writer = RunWriter.create(path, param=names, index=index, initial=initial, attrs={"every": 1})
+    writer = RunWriter.create(path, param=names, index=index, initial=initial, attrs={"every": 1},
+                              checksum=checksum)
     block = writer.chunk_steps
     for s in range(0, T, block):
         k = min(block, T - s)
@@ -127,6 +131,20 @@ def naive_delta(x: np.ndarray, max_lag: int) -> np.ndarray:
     return delta
 
 
+def _checksum_cost(tmp: Path, path: Path, T: int, N: int, repeat: int) -> None:
+    """Time the analysis of `path` (with crc32c) and of the same data without it, alternating."""
+    plain = tmp / "nocrc.zarr"
+    layout = build_store(plain, T, N, checksum=False)
+    print(f"store without checksum: codecs {layout['codecs']}, {layout['size_bytes'] / 1e6:.1f} MB on disk")
+    times: dict[str, list[float]] = {"crc32c": [], "none": []}
+    for _ in range(repeat):
+        times["crc32c"].append(_fresh("--analyse", str(path))["seconds"])
+        times["none"].append(_fresh("--analyse", str(plain))["seconds"])
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"checksum cost on the analysis: {med['crc32c']:.2f} s with crc32c vs {med['none']:.2f} s without "
+          f"(median of {repeat} alternating runs each): {(med['crc32c'] / med['none'] - 1) * 100:+.1f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8192)
@@ -136,6 +154,9 @@ def main() -> None:
     ap.add_argument("--threads", default=None, metavar="LIST",
                     help="also time the analysis at these thread counts, e.g. 1,2 (comma-separated)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the thread-count alternation (default 3)")
+    ap.add_argument("--checksum-cost", action="store_true",
+                    help="also time the analysis of the same store without the crc32c checksum")
+    ap.add_argument("--repeat", type=int, default=3, help="analyses per store with --checksum-cost")
     ap.add_argument("--analyse", help=argparse.SUPPRESS)  # internal: the fresh analysing process
     ap.add_argument("--scaling", help=argparse.SUPPRESS)  # internal: the thread-count alternation
     args = ap.parse_args()
@@ -197,6 +218,8 @@ def main() -> None:
                 by_threads[t] = {"seconds": times[str(t)], "weight_steps_per_s": rate, "peak_rss_bytes": peak_t}
                 print(f"  threads={t:<3d} {best:6.2f} s -> {rate:.3g} weight-steps/s   "
                       f"ratio to threads={counts[0]}: {rate / base:.2f}   peak memory {peak_t / 1e9:.2f} GB")
+        if args.checksum_cost:
+            _checksum_cost(tmp, path, T, N, args.repeat)
         print(json.dumps({
             "T": T, "N": N, "seconds": fast["seconds"], "weight_steps_per_s": fast_rate,
             "naive_weight_steps_per_s": naive_rate, "ratio": ratio, "peak_rss_bytes": peak,

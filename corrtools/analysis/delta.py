@@ -41,7 +41,7 @@ from corrtools.analysis.correlation import (
     _prepare,
     lagged_pearson,
 )
-from corrtools.analysis.magnitude import Binning, assign_bins, bin_edges, binned_median
+from corrtools.analysis.magnitude import Binning, assign_bins, bin_edges, binned_median, check_bins
 from corrtools.analysis.magnitude_at import MagnitudeAt, magnitude_labels, magnitudes_at
 from corrtools.analysis.threads import resolve_threads
 from corrtools.errors import CorrtoolsError, close_matches
@@ -66,6 +66,12 @@ _MIN_SLICE_COLS = 16
 _BLOCK_BYTES = 512 << 20
 # quantiles of the binned |w| kept with the results (to shade "removable at density d" in plots)
 _QUANTILES = np.linspace(0.0, 1.0, 201)
+
+
+# NaN or inf in a weight's trajectory makes its Δ / ρ NaN (undefined), as documented: not a warning
+def _nan_is_an_answer() -> Any:
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")  # a new one per use: thread-safe
+
 
 def _open(ds_or_path: xr.Dataset | str | os.PathLike[str]) -> xr.Dataset:
     if isinstance(ds_or_path, xr.Dataset):
@@ -199,8 +205,14 @@ def _delta_slice(
     ftype = _fft_dtype(x, dtype)
     if not (x.flags.c_contiguous or x.flags.f_contiguous):
         x = np.ascontiguousarray(x.T).T  # a slice of a (T, N) block: copy its row segments first
-    c = _prepare(x, detrend, ftype)  # (k, T) C-contiguous, de-meaned
-    return _delta_last(c, max_lag, ftype, workers)
+    with _nan_is_an_answer():  # here, in the thread that computes: NaN weights give NaN, no warning
+        c = _prepare(x, detrend, ftype)  # (k, T) C-contiguous, de-meaned
+        d, cens = _delta_last(c, max_lag, ftype, workers)
+    # a NaN or inf anywhere in a series makes its mean, hence every de-meaned value, non-finite:
+    # its Δ is undefined (NaN), not a lag the search ran into by comparing NaNs
+    bad = ~np.isfinite(c[:, 0]) if c.ndim == 2 and c.shape[1] else np.zeros(d.shape, bool)
+    d[bad], cens[bad] = np.nan, False
+    return d, cens
 
 
 def _delta_time_last(
@@ -349,6 +361,7 @@ def summarize_by_magnitude(
     |final| for per-weight results saved before it existed), one set of bins per parameter: a
     Dataset with dims (param, bin); see ``delta_by_magnitude`` for its variables.
     ``threads`` run the bootstrap (default all cores)."""
+    check_bins(bins, binning)
     names = np.asarray(per_weight["param"].values).astype(str)
     params = list(dict.fromkeys(names.tolist()))
     T = int(per_weight.attrs["T"])
@@ -372,8 +385,11 @@ def summarize_by_magnitude(
     src = per_weight["magnitude"] if "magnitude" in per_weight.coords else per_weight["final"]
     mag = np.abs(np.asarray(src.values, dtype=np.float64))
     label, _ = magnitude_labels(per_weight.attrs)
+    unanalysed = _unanalysed(names, mag, params, label)
     for i, p in enumerate(params):
         sel = names == p
+        if p in unanalysed:  # no finite |w| to bin by: its bins stay empty (NaN), the rest go on
+            continue
         edges = bin_edges(mag[sel], B, binning)
         idx = assign_bins(mag[sel], edges)
         stats = binned_median(delta[sel], censored[sel], idx, B, ci=ci, n_boot=n_boot, seed=seed + i,
@@ -412,7 +428,20 @@ def summarize_by_magnitude(
     for name in ("median_delta", "ci_low", "ci_high"):
         short = name.replace("median_delta", "median")
         out[f"{short}_over_T"] = out[name] * scale
-    out.attrs = {**per_weight.attrs, "bins": B, "binning": binning, "ci": ci, "n_boot": n_boot, "seed": seed}
+    out.attrs = {**per_weight.attrs, "bins": B, "binning": binning, "ci": ci, "n_boot": n_boot, "seed": seed,
+                 "unanalysed": unanalysed}
+    return out
+
+
+def _unanalysed(names: np.ndarray, mag: np.ndarray, params: list[str], label: str = "final |w|") -> list[str]:
+    """The params none of whose weights has a finite magnitude ``mag`` (e.g. a layer that became NaN);
+    a CorrtoolsError when that is all of them."""
+    out = [p for p in params if not np.isfinite(mag[names == p]).any()]
+    if out and len(out) == len(params):
+        raise CorrtoolsError(
+            f"no finite magnitudes to bin: {label} is NaN for every weight; bin by another recorded "
+            "step with magnitude_at=STEP (--magnitude-at STEP)."
+        )
     return out
 
 
@@ -449,6 +478,7 @@ def delta_by_magnitude(
     ``summarize_by_magnitude(delta_per_weight(...))``. ``threads`` (default: the cores this process
     may use) run the kernel and the bootstrap; the results do not depend on it.
     """
+    check_bins(bins, binning)  # before the work
     n_threads = resolve_threads(threads)
     per_weight = delta_per_weight(
         ds_or_path, params, window=window, max_lag=max_lag, detrend=detrend, dtype=dtype,
@@ -480,6 +510,9 @@ def rho_by_magnitude(
     Returns a Dataset with dims (param, bin, lag): ``rho_median``, ``rho_q25``, ``rho_q75`` (NaN-aware),
     ``n_weights`` (param, bin), ``edge_low``/``edge_high`` (param, bin), coords ``lag`` (rows) and ``lag_steps``.
     """
+    check_bins(bins, binning)
+    if isinstance(n_lags, bool) or not isinstance(n_lags, (int, np.integer)) or n_lags < 1:
+        raise CorrtoolsError(f"n_lags={n_lags!r} must be a positive integer, e.g. 48.")
     n_threads = resolve_threads(threads)
     ds, cols, rows, lag = _analysis_selection(ds_or_path, params, window, detrend, max_lag)
     mag, source = magnitudes_at(ds, cols, magnitude_at)
@@ -491,7 +524,8 @@ def rho_by_magnitude(
 
         def one(s: int) -> None:  # x and off are this block's
             sub = np.ascontiguousarray(x[:, s : s + k])
-            rho[:, off + s : off + s + sub.shape[1]] = lagged_pearson(sub, lags, detrend=detrend, threads=1)
+            with _nan_is_an_answer():
+                rho[:, off + s : off + s + sub.shape[1]] = lagged_pearson(sub, lags, detrend=detrend, threads=1)
 
         _map_slices(one, x.shape[1], k, n_threads)
         del x  # before the next block is read
@@ -501,8 +535,11 @@ def rho_by_magnitude(
     stats = np.full((3, len(pnames), B, lags.size), np.nan)
     count = np.zeros((len(pnames), B), dtype=np.int64)
     edges = np.full((len(pnames), B + 1), np.nan)
+    unanalysed = _unanalysed(names, mag, pnames, source.label)
     for i, p in enumerate(pnames):
         sel = names == p
+        if p in unanalysed:  # no finite |w|: its bins stay empty, the other params go on
+            continue
         edges[i] = bin_edges(mag[sel], B, binning)
         idx = assign_bins(mag[sel], edges[i])
         r = rho[:, sel]
@@ -526,7 +563,7 @@ def rho_by_magnitude(
         },
         coords={"param": pnames, "bin": np.arange(B), "lag": lags, "lag_steps": ("lag", lags * every)},
         attrs={"T": T_rows, "every": every, "max_lag": lag, "window": [float(window[0]), float(window[1])],
-               "detrend": detrend, "binning": binning, **source.attrs()},
+               "detrend": detrend, "binning": binning, "unanalysed": unanalysed, **source.attrs()},
     )
 
 

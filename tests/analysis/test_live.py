@@ -149,7 +149,7 @@ def test_live_store_equals_completed_copy_at_that_step(tmp_path, monkeypatch) ->
     assert code == 0 and out.exists()
     heads = [line for line in stdout.splitlines() if line.startswith("# Δ by")]
     assert len(heads) >= 2 and "|w| at step" in heads[0] and heads[-1].startswith("# Δ by final |w|")
-    assert stderr.count("rows recorded") == len(heads) and "status complete" in stderr
+    assert stderr.count("rows recorded") >= len(heads) and "status complete" in stderr
 
     # the live numbers are those of the same rows, complete, binned at the same step
     done = open_run(path)
