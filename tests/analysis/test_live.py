@@ -239,3 +239,33 @@ def test_live_run_reads_only_new_rows(tmp_path, monkeypatch) -> None:
     with pytest.raises(CorrtoolsError, match="did you mean 'b.weight'"):
         LiveRun(path, params="b.weigth").refresh()
     w.abandon()
+
+
+def test_follow_waits_for_rows_and_stops_on_ctrl_c(tmp_path, monkeypatch) -> None:
+    """A store with too few rows is waited for, not an error; Ctrl-C ends following with status 0."""
+    import corrtools.commands.delta as delta_cmd
+
+    x, _ = ar1_columns(64, 8, seed=4)
+    path = tmp_path / "slow.zarr"
+    w = RunWriter.create(path, param=["p.weight"] * 8, index=np.arange(8), initial=x[0], chunk_steps=2)
+    w.write_block(np.arange(1, 3), x[:2])  # 2 rows: too few for Δ
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 1:
+            w.write_block(np.arange(3, 65), x[2:64])  # the run goes on while we wait
+        else:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(delta_cmd.time, "sleep", sleep)
+    code, out, err = _main_capture(["delta", str(path), "-o", str(tmp_path / "f.png"), "--bins", "2",
+                                    "--follow", "5"])
+    w.abandon()
+    assert code == 0 and sleeps == [5.0, 5.0]
+    assert "waiting for more rows" in err and "at least 3" in err and "stopped following" in err
+    heads = [line for line in out.splitlines() if line.startswith("# Δ by")]
+    assert len(heads) == 1 and "|w| at step 64 (last recorded row" in heads[0]
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main_capture(["delta", str(path), "--follow", "0"])
+    assert code == 2 and "--follow 0 must be a positive number of seconds" in err
