@@ -20,7 +20,8 @@ from pathlib import Path
 
 from corrtools.errors import CorrtoolsError
 
-__all__ = ["add_parser", "run", "parse_window", "add_analysis_arguments", "check_analysis_arguments"]
+__all__ = ["add_parser", "run", "parse_window", "add_analysis_arguments", "check_analysis_arguments",
+           "print_unanalysed"]
 
 
 def parse_window(text: str) -> tuple[float, float]:
@@ -123,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
 def _analyse_and_report(args: argparse.Namespace, source, window, magnitude_at, progress: bool) -> None:
     """One analysis of ``source`` (a path or a Dataset): figure, --save, table or JSON, --csv."""
     from corrtools.analysis.delta import delta_by_magnitude, save_delta
-    from corrtools.analysis.magnitude_at import magnitude_labels
     from corrtools.analysis.plot import format_table, plot_delta, table_rows
 
     res = delta_by_magnitude(
@@ -132,9 +132,7 @@ def _analyse_and_report(args: argparse.Namespace, source, window, magnitude_at, 
         threads=args.threads, magnitude_at=magnitude_at,
     )
     plot_delta(res, args.output, density=args.density)
-    for name in res.attrs.get("unanalysed", []):
-        print(f"# note: {name} has no finite {magnitude_labels(res.attrs)[0]} (NaN weights); its bins are empty",
-              file=sys.stderr)
+    print_unanalysed(res)
     if args.save:
         save_delta(args.store, res)
     rows = table_rows(res)
@@ -150,6 +148,14 @@ def _analyse_and_report(args: argparse.Namespace, source, window, magnitude_at, 
             w.writeheader()
             w.writerows(rows)
     sys.stdout.flush()
+
+
+def print_unanalysed(res) -> None:
+    """A note on stderr for each parameter left out because none of its binned |w| is finite."""
+    at = res.attrs.get("magnitude_at", "final")
+    what = "final values" if at == "final" else f"|w| at step {res.attrs.get('magnitude_step')}"
+    for name in res.attrs.get("unanalysed", []):
+        print(f"# note: {name} has no finite {what} (NaN weights); its bins are empty", file=sys.stderr)
 
 
 def _follow(args: argparse.Namespace, window, magnitude_at) -> int:

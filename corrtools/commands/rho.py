@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corrtools.commands.delta import add_analysis_arguments, check_analysis_arguments
+from corrtools.commands.delta import add_analysis_arguments, check_analysis_arguments, print_unanalysed
 from corrtools.errors import CorrtoolsError
 
 __all__ = ["add_parser", "run"]
@@ -40,10 +40,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads, magnitude_at=parse_magnitude_at(args.magnitude_at),
     )
     plot_rho(res, args.output)
-    label, text = magnitude_labels(res.attrs)
-    for name in res.attrs.get("unanalysed", []):
-        print(f"# note: {name} has no finite {label} (NaN weights); its bins are empty", file=sys.stderr)
-    print(f"# ρ(τ) median per bin of {text} (T={res.attrs['T']}); figure: {args.output}")
+    print_unanalysed(res)
+    print(f"# ρ(τ) median per bin of {magnitude_labels(res.attrs)[1]} (T={res.attrs['T']}); figure: {args.output}")
     lags = res["lag_steps"].values
     show = sorted({0, len(lags) // 4, len(lags) // 2, 3 * len(lags) // 4, len(lags) - 1})
     print("param\tbin\tn\t" + "\t".join(f"τ={int(lags[j])}" for j in show))
