@@ -2,7 +2,8 @@
 
     corrtools delta run.zarr [-o delta.png] [--param NAME ...] [--bins 10] [--density 0.5]
                              [--window 0.5:1] [--detrend linear] [--magnitude-at final|last|STEP]
-                             [--threads N] [--follow SECONDS] [--csv out.csv | --json]
+                             [--threads N] [--scheduler tcp://HOST:8786] [--follow SECONDS]
+                             [--csv out.csv | --json]
 
 On a run that is still recording (or was interrupted) the bins are of |w| at the last recorded row,
 and the header and the figure say so. ``--follow SECONDS`` redraws the figure and reprints the table
@@ -92,6 +93,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="shade the weights removable at this density d (default 0.5)")
     p.add_argument("--ci", type=float, default=0.95, help="bootstrap interval level (default 0.95)")
     p.add_argument("--save", action="store_true", help="also write the results into the store as group 'delta'")
+    p.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="run on a dask.distributed cluster, e.g. tcp://10.0.0.5:8786 (its workers must "
+                        "reach the store's path or URL)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     out.add_argument("--json", action="store_true", help="print the table as JSON instead of text")
@@ -129,7 +133,7 @@ def _analyse_and_report(args: argparse.Namespace, source, window, magnitude_at, 
     res = delta_by_magnitude(
         source, params=args.param, bins=args.bins, binning=args.binning, window=window,
         max_lag=args.max_lag, detrend=args.detrend, ci=args.ci, progress=progress,
-        threads=args.threads, magnitude_at=magnitude_at,
+        threads=args.threads, magnitude_at=magnitude_at, scheduler=args.scheduler,
     )
     plot_delta(res, args.output, density=args.density)
     print_unanalysed(res)
