@@ -215,6 +215,8 @@ class Recorder:
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=queue_blocks)
         self._current: _Block | None = None
         self._current_prev = self._last_row_step
+        self._rows = self._writer.n_steps  # rows in the store plus rows taken since (all blocks)
+        self._block_rows = self.chunk_steps  # rows of the block being filled (see _take_row)
         self._thread = threading.Thread(target=self._write_loop, name=f"corrtools-writer:{self.path.name}", daemon=True)
         self._thread.start()
 
@@ -296,6 +298,17 @@ class Recorder:
             "optimizer.step()"
         )
 
+    def flush(self) -> None:
+        """Write every row taken so far to the store and wait until it is on disk (e.g. when a
+        checkpoint is saved, so that a run resumed from it finds every row up to it). Losses for
+        steps already written can no longer be logged. The next rows fill up the partial chunk, after
+        which whole chunks are written again."""
+        self._raise_if_failed()
+        self._check_open()
+        if self._current is not None and self._current.k:
+            self._submit(self._current)
+        self._wait_writer()
+
     def close(self) -> None:
         """Flush all rows, write ``final``, mark the store "complete" and release it. Idempotent."""
         self._shutdown(complete=True)
@@ -322,7 +335,7 @@ class Recorder:
 
     def _take_row(self, step: int, lr: float) -> None:
         cur = self._current
-        if cur is not None and cur.k == self.chunk_steps:
+        if cur is not None and cur.k == self._block_rows:
             # a full block is handed over only when the next row needs room, so that `log` can
             # still reach the block's last row
             self._submit(cur)
@@ -330,6 +343,9 @@ class Recorder:
         if cur is None:
             cur = self._current = self._get_free()
             self._current_prev = self._last_row_step  # step of the row before this block
+            # a block ends on a chunk boundary, so that after a partial block (a resumed store,
+            # a flush) the writer is back to writing whole chunks
+            self._block_rows = self.chunk_steps - self._rows % self.chunk_steps
         i = cur.k
         row = cur.tensor[i]
         with torch.no_grad():
@@ -348,6 +364,7 @@ class Recorder:
         cur.loss_n[i] += self._pending_n
         self._pending_sum, self._pending_n = 0.0, 0
         cur.k = i + 1
+        self._rows += 1
         self._last_row_step = step
 
     def _pending_add(self, loss: float | torch.Tensor) -> None:
