@@ -11,9 +11,10 @@ step of the followed one, and not for a step that AMP's ``GradScaler`` skipped. 
 When a Sparsifier and a Recorder follow the same optimizer, the row shows the weights after the
 Sparsifier's step (exploitation and rewiring), i.e. those of the next forward pass.
 
-Loss. The store's ``loss`` of step s is the mean over that step's micro-batches of the training loss:
-``training_step``'s returned loss (un-normalized by accumulation), or, when it returns none under
-that name, the metric logged with ``self.log(loss, ...)`` (on_step; also read as ``<loss>_step``).
+Loss. The store's ``loss`` of step s is the mean of the training loss over the batches since the
+followed optimizer's previous step (under accumulation: that step's micro-batches): the loss
+``training_step`` returned (un-normalized by accumulation), or, when it returns none under that
+name, the metric logged with ``self.log(name, ...)`` on the step (also read as ``<name>_step``).
 
 Lifecycle. The store is created (or continued) in ``on_train_start``, flushed whenever a checkpoint
 is saved, and closed in ``on_train_end`` with status "complete"; after an exception, an interrupt
