@@ -22,7 +22,7 @@ def _run(path, steps, chunk_steps=8, rec=None):
     return rec
 
 
-def test_flush_writes_the_partial_block_and_the_next_block_ends_on_a_chunk(tmp_path):
+def test_flush_writes_the_rows_taken_so_far(tmp_path):
     path = tmp_path / "run.zarr"
     rec = _run(path, 3)
     assert open_run(path).sizes["step"] == 0  # rows wait for a whole block
@@ -33,7 +33,8 @@ def test_flush_writes_the_partial_block_and_the_next_block_ends_on_a_chunk(tmp_p
     assert ds.attrs["status"] == "recording"
     with pytest.raises(CorrtoolsError, match="too late"):
         rec.log(loss=9.0, step=3)
-    # 5 more rows fill the first chunk (8 rows): that block is handed over at the next row
+    # 5 more rows fill the first chunk (8 rows): the block is handed over at the next row, and the
+    # rows written through zarr complete the chunk the flush began
     _run(path, 6, rec=rec)
     rec._wait_writer()
     assert open_run(path).sizes["step"] == 8
