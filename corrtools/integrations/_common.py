@@ -5,6 +5,7 @@
 - `LossMeter`: the mean of the micro-batch losses that went into one optimizer step.
 - `sparsifier_options` / `build_sparsifier`: the SparsifierCallbacks' settings, validated when the
   callback is made, and the Sparsifier built from them once the model is known.
+- `follow_optimizer`: the Sparsifier steps after every step of the trainer's optimizer.
 - `sparsity_metrics`: the per-layer density and rewired count (and z) that the callbacks log.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ __all__ = [
     "open_recorder",
     "sparsifier_options",
     "sparsity_metrics",
-    "step_post_hook",
+    "follow_optimizer",
+    "torch_optimizer",
 ]
 
 
@@ -91,16 +93,22 @@ class LossMeter:
         return mean
 
 
-def step_post_hook(optimizer: torch.optim.Optimizer, fn: Callable[[], None]) -> Any:
-    """Call ``fn()`` after every step ``optimizer`` really takes (a step that ``GradScaler`` skips
-    does not call ``optimizer.step``). Unwraps framework wrappers (accelerate's
-    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``) to the torch optimizer."""
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside framework wrappers (accelerate's ``AcceleratedOptimizer``)."""
     inner = optimizer
     while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):  # wrappers subclass it too
         inner = inner.optimizer
     if not isinstance(inner, torch.optim.Optimizer):
         raise CorrtoolsError(f"{type(optimizer).__name__} is not a torch optimizer; corrtools needs one to follow")
-    return inner.register_step_post_hook(lambda opt, args, kwargs: fn())
+    return inner
+
+
+def follow_optimizer(sp: Any, optimizer: Any) -> Any:
+    """Give the Sparsifier ``optimizer`` and call ``sp.step()`` after every step it really takes
+    (a step that ``GradScaler`` skips calls no ``optimizer.step``); returns the hook's handle."""
+    inner = torch_optimizer(optimizer)
+    sp.attach_optimizer(inner)  # registers its own step flag first, so step() sees this step
+    return inner.register_step_post_hook(lambda opt, args, kwargs: sp.step())
 
 
 def sparsifier_options(
@@ -115,7 +123,11 @@ def sparsifier_options(
     for reserved in ("model", "optimizer"):
         if reserved in kwargs:
             raise CorrtoolsError(f"{reserved}= is given by the trainer; leave it out of the callback's arguments")
-    known = {f: kwargs[f] for f in ("density", "structure", "rewire_every", "grad_scale", "exploit", "total_steps") if f in kwargs}
+    fields = ("density", "structure", "allocation", "rewire_every", "grad_scale", "exploit", "total_steps")
+    known = {f: kwargs[f] for f in fields if f in kwargs and kwargs[f] is not None}
+    for per_layer in ("density", "structure"):  # a mapping or callable is checked against the model later
+        if isinstance(known.get(per_layer), Mapping) or callable(known.get(per_layer)):
+            known.pop(per_layer)
     if isinstance(exploit, Fix) and known.get("total_steps") is None:
         known["total_steps"] = 1  # checked again with the trainer's planned steps
     SparsityConfig(**known)
@@ -123,7 +135,7 @@ def sparsifier_options(
 
 
 def build_sparsifier(model: nn.Module, kwargs: Mapping[str, Any], planned_steps: int | None) -> Any:
-    """The Sparsifier on ``model`` (no optimizer: the callbacks call ``step()`` from a step hook).
+    """The Sparsifier on ``model``, before the trainer has an optimizer (`follow_optimizer` gives it).
     ``Fix`` without ``total_steps`` takes ``planned_steps``, the trainer's planned optimizer steps."""
     from corrtools.sparse.exploit import Fix
     from corrtools.sparse.sparsifier import Sparsifier

@@ -38,10 +38,10 @@ from transformers.trainer_callback import ExportableState
 from corrtools.errors import CorrtoolsError
 from corrtools.integrations._common import (
     build_sparsifier,
+    follow_optimizer,
     open_recorder,
     sparsifier_options,
     sparsity_metrics,
-    step_post_hook,
 )
 from corrtools.record.sampling import ParamFilter, SampleSpec
 
@@ -158,7 +158,7 @@ class SparsifierCallback(TrainerCallback, ExportableState):
             self.sparsifier.load_state_dict(saved["attributes"]["sparsifier"])
         if self._hook is not None:
             self._hook.remove()
-        self._hook = step_post_hook(optimizer, self.sparsifier.step)
+        self._hook = follow_optimizer(self.sparsifier, optimizer)
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any

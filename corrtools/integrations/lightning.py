@@ -41,10 +41,10 @@ from corrtools.errors import CorrtoolsError
 from corrtools.integrations._common import (
     LossMeter,
     build_sparsifier,
+    follow_optimizer,
     open_recorder,
     sparsifier_options,
     sparsity_metrics,
-    step_post_hook,
 )
 from corrtools.record.sampling import ParamFilter, SampleSpec
 
@@ -210,6 +210,7 @@ class SparsifierCallback(pl.Callback):
         self.log_every = log_every
         self.sparsifier: Any = None
         self._hook: Any = None
+        self._log_hook: Any = None
         self._trainer: pl.Trainer | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -225,13 +226,13 @@ class SparsifierCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hook()
-        self._hook = step_post_hook(_followed(trainer, self.optimizer), self._on_step)
+        self._hook = follow_optimizer(self.sparsifier, _followed(trainer, self.optimizer))
+        self._log_hook = _followed(trainer, self.optimizer).register_step_post_hook(lambda *a: self._log())
         self._trainer = trainer
 
-    def _on_step(self) -> None:
+    def _log(self) -> None:
         sp, trainer = self.sparsifier, self._trainer
         assert trainer is not None  # set with the hook
-        sp.step()
         every = trainer.log_every_n_steps if self.log_every is None else self.log_every
         if every and sp.steps_done % every == 0 and trainer.loggers and trainer.is_global_zero:
             metrics = sparsity_metrics(sp)
@@ -252,6 +253,7 @@ class SparsifierCallback(pl.Callback):
         self._remove_hook()
 
     def _remove_hook(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in (self._hook, self._log_hook):
+            if hook is not None:
+                hook.remove()
+        self._hook = self._log_hook = None

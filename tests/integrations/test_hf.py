@@ -115,7 +115,8 @@ def test_rows_values_and_loss_under_gradient_accumulation(tmp_path):
 
 def test_resume_from_checkpoint_continues_the_store_and_the_sparsifier(tmp_path):
     def callbacks(path):
-        return [SparsifierCallback(density=0.25, exploit=Reset(every=3)), RecorderCallback(path, sample=32)]
+        return [SparsifierCallback(density=0.25, exploit=Reset(every=3, reset_optimizer_state=True)),
+                RecorderCallback(path, sample=32)]
 
     path = tmp_path / "run.zarr"
     first_cbs = callbacks(path)

@@ -138,7 +138,8 @@ def test_resumed_sparse_fit_equals_the_uninterrupted_one(tmp_path):
     """Masks and counters travel in the checkpoint: resuming at an epoch boundary (4 batches per
     epoch, so the data order is the same) reproduces the uninterrupted run's weights exactly."""
     def callbacks(path):
-        return [SparsifierCallback(density=0.25, exploit=Reset(every=3)), RecorderCallback(path, sample=64)]
+        return [SparsifierCallback(density=0.25, exploit=Reset(every=3, reset_optimizer_state=True)),
+                RecorderCallback(path, sample=64)]
 
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
     whole = tmp_path / "whole.zarr"
