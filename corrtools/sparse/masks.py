@@ -290,7 +290,8 @@ def block_mask(w: Tensor, density: float, block: int, *, name: str = "weight") -
     R, C = _tile_grid_2d(w, name, tile=block, structure=f"block:{block}")
     scores = w.detach().reshape(R, block, C, block).abs().amax(dim=(1, 3))  # (R, C)
     keep = topk_mask(scores, density, name=name)
-    return keep[:, None, :, None].expand(R, block, C, block).reshape(w.shape)
+    # contiguous: with one block column the reshape can be a stride-0 view, which rewiring cannot copy into
+    return keep[:, None, :, None].expand(R, block, C, block).reshape(w.shape).contiguous()
 
 
 def _check_density(density: float, name: str) -> None:
