@@ -1,0 +1,138 @@
+"""Run one experiment: each configuration once, cached, then one tidy CSV and one plot beside it.
+
+Each run's rows are saved as ``<out>/cache/<key>.json`` the moment the run ends; a later call with
+the same configurations reads them instead of training again, so an interrupted experiment continues
+where it stopped. ``<out>/<name>.csv`` holds one row per run (the full configuration, seed, steps,
+wall time, final metrics) and ``<out>/<name>.png`` its figure; quick mode writes ``<name>.quick.csv``
+and ``<name>.quick.png`` so that it never replaces real results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from corrtools.errors import CorrtoolsError
+from corrtools.experiments.paper import EXPERIMENTS, gap_fraction
+from corrtools.experiments.runs import RunSpec, train
+
+__all__ = ["ExperimentResult", "fig9_table", "load_results", "run_experiment", "summarize"]
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    name: str
+    csv: Path
+    plot: Path
+    rows: pd.DataFrame  # one row per run (fig1: per run, analysis, layer and bin)
+    summary: pd.DataFrame  # mean, std and count over seeds per configuration
+    trained: int  # runs trained now (the rest came from the cache)
+
+
+def _cache_path(out: Path, spec: RunSpec, recorded: bool) -> Path:
+    return out / "cache" / f"{'rec-' if recorded else ''}{spec.key()}.json"
+
+
+def _run_cached(out: Path, spec: RunSpec, recorded: bool) -> tuple[list[dict[str, Any]], bool]:
+    path = _cache_path(out, spec, recorded)
+    if path.exists():
+        return json.loads(path.read_text())["rows"], False
+    if recorded:
+        from corrtools.experiments.fig1 import ANALYSES, record_and_analyse
+
+        if spec.size == "quick":  # two of the six analyses, few weights and bins: a smoke test
+            rows = record_and_analyse(spec, sample=64, bins=4, analyses=ANALYSES[::5], n_boot=20)
+        else:
+            rows = record_and_analyse(spec)
+    else:
+        rows = [train(spec)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"spec": spec.to_dict(), "rows": rows}, indent=1))
+    os.replace(tmp, path)  # atomic: a killed run leaves no half-written entry
+    return rows, True
+
+
+def run_experiment(name: str, *, quick: bool = False, seeds: int | None = None, scale: float = 1.0,
+                   out: str | os.PathLike[str] = "data/results", progress: bool = True) -> ExperimentResult:
+    """Run (or read from the cache) every configuration of ``name``; write its CSV and plot."""
+    from tqdm.auto import tqdm
+
+    from corrtools.experiments.plots import plot_experiment
+
+    exp = EXPERIMENTS.get(name)
+    if exp is None:
+        raise CorrtoolsError(f"Unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}.")
+    n_seeds = (1 if quick else 3) if seeds is None else seeds
+    if n_seeds < 1:
+        raise CorrtoolsError(f"--seeds {n_seeds} must be at least 1.")
+    if not 0 < scale <= 1 and not quick:
+        raise CorrtoolsError(f"--scale {scale} must be a fraction of the full step budget in (0, 1].")
+    out = Path(out)
+    specs = exp.specs(quick, n_seeds, 1.0 if quick else scale)
+    rows: list[dict[str, Any]] = []
+    trained = 0
+    start = time.perf_counter()
+    for spec in tqdm(specs, desc=f"{name}", unit="run", disable=not progress):
+        got, new = _run_cached(out, spec, exp.recorded)
+        rows += got
+        trained += new
+    mode = "quick" if quick else ("full" if scale == 1.0 else f"reduced (steps x {scale:g})")
+    df = pd.DataFrame(rows)
+    df.insert(0, "mode", mode)
+    df.insert(0, "experiment", name)
+    suffix = ".quick" if quick else ""
+    csv = out / f"{name}{suffix}.csv"
+    plot = out / f"{name}{suffix}.png"
+    table = fig9_table(df) if name == "fig9" else df
+    table.to_csv(csv, index=False)
+    summary = summarize(table, name)
+    plot_experiment(name, table, plot, title=f"{exp.title} [{mode}, {n_seeds} seed(s)]")
+    if progress:
+        print(f"{name}: {len(specs)} runs ({trained} trained now) in {time.perf_counter() - start:.0f} s; "
+              f"wrote {csv} and {plot}")
+    return ExperimentResult(name, csv, plot, table, summary, trained)
+
+
+def load_results(name: str, out: str | os.PathLike[str] = "data/results", quick: bool = False) -> pd.DataFrame:
+    """The rows of ``<out>/<name>.csv`` (``.quick.csv`` with ``quick``) as a DataFrame."""
+    path = Path(out) / f"{name}{'.quick' if quick else ''}.csv"
+    if not path.exists():
+        raise CorrtoolsError(f"No results at {path}; run `corrtools experiment {name}` first.")
+    return pd.read_csv(path, keep_default_na=True)
+
+
+def summarize(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Mean, standard deviation (ddof 1) and count over seeds, per configuration of ``name``."""
+    exp = EXPERIMENTS[name]
+    value = "median_over_T" if exp.recorded else ("f" if name == "fig9" else "error")
+    group = [c for c in exp.group if c in df.columns]
+    if name == "fig9":
+        group = ["workload", "density"]
+    keyed = df.assign(**{c: df[c].astype(str) for c in group if df[c].isna().any() or c == "z"})
+    agg = keyed.groupby(group, sort=False, dropna=False)[value].agg(["mean", "std", "count"]).reset_index()
+    return agg
+
+
+def fig9_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per workload, density and seed: f = (err_SMALL − err_SPARSE) / (err_SMALL − err_DENSE)."""
+    out = []
+    for (w, seed), g in df.groupby(["workload", "seed"]):
+        dense = g[g.method == "dense"].error
+        if dense.empty:
+            continue
+        for d in sorted(g.density[g.method == "sparse"].unique(), reverse=True):
+            small = g[(g.method == "small") & (g.density == d)].error
+            sparse = g[(g.method == "sparse") & (g.density == d)].error
+            if small.empty or sparse.empty:
+                continue
+            es, ep, ed = float(small.iloc[0]), float(sparse.iloc[0]), float(dense.iloc[0])
+            out.append({"experiment": "fig9", "mode": g["mode"].iloc[0], "workload": w, "seed": seed,
+                        "density": d, "steps": int(g.steps.iloc[0]), "err_dense": ed, "err_small": es,
+                        "err_sparse": ep, "f": gap_fraction(es, ep, ed)})
+    return pd.DataFrame(out)
