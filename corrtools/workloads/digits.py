@@ -38,8 +38,8 @@ class DigitsConfig:
     weight_decay: float = 0.0   # decoupled for AdamW, L2 for SGD
     momentum: float = 0.9       # SGD only
     warmup_steps: int = 20      # linear warm-up, then cosine to 10% of lr
-    noise: float = 0.5          # std of the fixed Gaussian pixel noise (pixels in [0, 1])
-    train_size: int = 600       # training images used (of 1200)
+    noise: float = 0.15         # std of the fixed Gaussian pixel noise (pixels in [0, 1])
+    train_size: int = 1200      # training images used (of 1200)
     seed: int = 0               # seeds weights, batch order and shifts
 
     def __post_init__(self) -> None:
