@@ -13,6 +13,9 @@
    every lag 1..T/2 de-means both windows and sums products), scaled to the same work, and checks it
    finds the same Δ as the kernel (float32 FFT) on those columns.
 Prints weight-steps per second for both, their ratio and the peak memory; the last line is JSON.
+
+``--checksum-cost`` also builds the same store without the crc32c checksum codec and times
+`delta_by_magnitude` on both, alternating, each in a fresh process (``--repeat`` times each).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build_store(path: Path, T: int, N: int, seed: int = 0) -> dict:
+def build_store(path: Path, T: int, N: int, seed: int = 0, checksum: bool = True) -> dict:
     """A run store of T rows x N weights in 4 parameters; returns a summary of its layout."""
     from corrtools.record.store import RunWriter, run_info
 
@@ -45,7 +48,8 @@ def build_store(path: Path, T: int, N: int, seed: int = 0) -> dict:
     drift = np.where(rng.random(N) < 0.1, 2e-3, 0.0).astype(np.float32)
     state = rng.standard_normal(N).astype(np.float32)
     initial = state.copy()
-    writer = RunWriter.create(path, param=names, index=index, initial=initial, attrs={"every": 1})
+    writer = RunWriter.create(path, param=names, index=index, initial=initial, attrs={"every": 1},
+                              checksum=checksum)
     block = writer.chunk_steps
     for s in range(0, T, block):
         k = min(block, T - s)
@@ -89,12 +93,34 @@ def naive_delta(x: np.ndarray, max_lag: int) -> np.ndarray:
     return delta
 
 
+def _analyse_fresh(path: Path) -> float:
+    proc = subprocess.run([sys.executable, __file__, "--analyse", str(path)], capture_output=True, text=True, check=True)
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def _checksum_cost(tmp: Path, path: Path, T: int, N: int, repeat: int) -> None:
+    """Time the analysis of `path` (with crc32c) and of the same data without it, alternating."""
+    plain = tmp / "nocrc.zarr"
+    layout = build_store(plain, T, N, checksum=False)
+    print(f"store without checksum: codecs {layout['codecs']}, {layout['size_bytes'] / 1e6:.1f} MB on disk")
+    times: dict[str, list[float]] = {"crc32c": [], "none": []}
+    for _ in range(repeat):
+        times["crc32c"].append(_analyse_fresh(path))
+        times["none"].append(_analyse_fresh(plain))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"checksum cost on the analysis: {med['crc32c']:.2f} s with crc32c vs {med['none']:.2f} s without "
+          f"(median of {repeat} alternating runs each): {(med['crc32c'] / med['none'] - 1) * 100:+.1f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8192)
     ap.add_argument("--weights", type=int, default=32768)
     ap.add_argument("--naive-columns", type=int, default=128, help="columns timed with the naive loop")
     ap.add_argument("--quick", action="store_true", help="T=512, N=2048: runs in seconds")
+    ap.add_argument("--checksum-cost", action="store_true",
+                    help="also time the analysis of the same store without the crc32c checksum")
+    ap.add_argument("--repeat", type=int, default=3, help="analyses per store with --checksum-cost")
     ap.add_argument("--analyse", help=argparse.SUPPRESS)  # internal: the fresh analysing process
     args = ap.parse_args()
     if args.analyse:
@@ -140,6 +166,8 @@ def main() -> None:
         peak = fast["peak_rss_bytes"]
         print(f"ratio: {ratio:.0f}x faster than the naive loop (max |dDelta| on its columns: {agree:.2g} steps)")
         print(f"peak memory: {peak / 1e9:.2f} GB (ru_maxrss of the analysing process, interpreter included)")
+        if args.checksum_cost:
+            _checksum_cost(tmp, path, T, N, args.repeat)
         print(json.dumps({
             "T": T, "N": N, "seconds": fast["seconds"], "weight_steps_per_s": fast_rate,
             "naive_weight_steps_per_s": naive_rate, "ratio": ratio, "peak_rss_bytes": peak,

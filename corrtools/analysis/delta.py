@@ -30,7 +30,7 @@ from corrtools.analysis.correlation import (
     _prepare,
     lagged_pearson,
 )
-from corrtools.analysis.magnitude import Binning, assign_bins, bin_edges, binned_median
+from corrtools.analysis.magnitude import Binning, assign_bins, bin_edges, binned_median, check_bins
 from corrtools.errors import CorrtoolsError, close_matches
 
 __all__ = [
@@ -48,6 +48,12 @@ _KERNEL_BYTES = 96 << 20
 _BLOCK_BYTES = 512 << 20
 # quantiles of final |w| kept with the results (to shade "removable at density d" in plots)
 _QUANTILES = np.linspace(0.0, 1.0, 201)
+# NaN or inf in a weight's trajectory makes its Δ / ρ NaN (undefined), as documented: not a warning
+def _nan_is_an_answer() -> Any:
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")  # a new one per use: thread-safe
+
+
+
 # kernel slices run on this many threads (the machines this targets have 2 cores)
 _THREADS = min(2, os.cpu_count() or 1)
 
@@ -167,8 +173,14 @@ def _delta_slice(
     ftype = _fft_dtype(x, dtype)
     if not (x.flags.c_contiguous or x.flags.f_contiguous):
         x = np.ascontiguousarray(x.T).T  # a slice of a (T, N) block: copy its row segments first
-    c = _prepare(x, detrend, ftype)  # (k, T) C-contiguous, de-meaned
-    return _delta_last(c, max_lag, ftype, workers)
+    with _nan_is_an_answer():  # here, in the thread that computes: NaN weights give NaN, no warning
+        c = _prepare(x, detrend, ftype)  # (k, T) C-contiguous, de-meaned
+        d, cens = _delta_last(c, max_lag, ftype, workers)
+    # a NaN or inf anywhere in a series makes its mean, hence every de-meaned value, non-finite:
+    # its Δ is undefined (NaN), not a lag the search ran into by comparing NaNs
+    bad = ~np.isfinite(c[:, 0]) if c.ndim == 2 and c.shape[1] else np.zeros(d.shape, bool)
+    d[bad], cens[bad] = np.nan, False
+    return d, cens
 
 
 def _delta_time_last(
@@ -307,6 +319,7 @@ def summarize_by_magnitude(
 ) -> xr.Dataset:
     """Per-weight Δ (from ``delta_per_weight``) → medians per bin of final |w|, one set of bins per
     parameter: a Dataset with dims (param, bin); see ``delta_by_magnitude`` for its variables."""
+    check_bins(bins, binning)
     names = np.asarray(per_weight["param"].values).astype(str)
     params = list(dict.fromkeys(names.tolist()))
     T = int(per_weight.attrs["T"])
@@ -328,8 +341,11 @@ def summarize_by_magnitude(
     delta = np.asarray(per_weight["delta"].values)
     censored = np.asarray(per_weight["censored"].values)
     mag = np.abs(np.asarray(per_weight["final"].values, dtype=np.float64))
+    unanalysed = _unanalysed(names, mag, params)
     for i, p in enumerate(params):
         sel = names == p
+        if p in unanalysed:  # no finite final |w| to bin by: its bins stay empty (NaN), the rest go on
+            continue
         edges = bin_edges(mag[sel], B, binning)
         idx = assign_bins(mag[sel], edges)
         stats = binned_median(delta[sel], censored[sel], idx, B, ci=ci, n_boot=n_boot, seed=seed + i)
@@ -367,7 +383,17 @@ def summarize_by_magnitude(
     for name in ("median_delta", "ci_low", "ci_high"):
         short = name.replace("median_delta", "median")
         out[f"{short}_over_T"] = out[name] * scale
-    out.attrs = {**per_weight.attrs, "bins": B, "binning": binning, "ci": ci, "n_boot": n_boot, "seed": seed}
+    out.attrs = {**per_weight.attrs, "bins": B, "binning": binning, "ci": ci, "n_boot": n_boot, "seed": seed,
+                 "unanalysed": unanalysed}
+    return out
+
+
+def _unanalysed(names: np.ndarray, mag: np.ndarray, params: list[str]) -> list[str]:
+    """The params none of whose weights has a finite final value (e.g. a layer that became NaN);
+    a CorrtoolsError when that is all of them (e.g. a store still recording has no final values)."""
+    out = [p for p in params if not np.isfinite(mag[names == p]).any()]
+    if out and len(out) == len(params):
+        raise CorrtoolsError("no finite magnitudes to bin; the run's final values are missing (NaN).")
     return out
 
 
@@ -398,6 +424,7 @@ def delta_by_magnitude(
     window, max_lag, detrend, binning. For per-weight Δ use ``delta_per_weight``; this function is
     ``summarize_by_magnitude(delta_per_weight(...))``.
     """
+    check_bins(bins, binning)  # before the work
     per_weight = delta_per_weight(
         ds_or_path, params, window=window, max_lag=max_lag, detrend=detrend, dtype=dtype,
         progress=progress, max_block_bytes=max_block_bytes,
@@ -424,6 +451,9 @@ def rho_by_magnitude(
     Returns a Dataset with dims (param, bin, lag): ``rho_median``, ``rho_q25``, ``rho_q75`` (NaN-aware),
     ``n_weights`` (param, bin), ``edge_low``/``edge_high`` (param, bin), coords ``lag`` (rows) and ``lag_steps``.
     """
+    check_bins(bins, binning)
+    if isinstance(n_lags, bool) or not isinstance(n_lags, (int, np.integer)) or n_lags < 1:
+        raise CorrtoolsError(f"n_lags={n_lags!r} must be a positive integer, e.g. 48.")
     ds, cols, rows, lag = _analysis_selection(ds_or_path, params, window, detrend, max_lag)
     T_rows = rows.stop - rows.start
     lags = np.unique(np.round(np.geomspace(1, lag, max(2, int(n_lags)))).astype(np.int64))
@@ -432,7 +462,8 @@ def rho_by_magnitude(
         k = _kernel_cols(T_rows)
         for s in range(0, x.shape[1], k):
             sub = np.ascontiguousarray(x[:, s : s + k])
-            rho[:, off + s : off + s + sub.shape[1]] = lagged_pearson(sub, lags, detrend=detrend)
+            with _nan_is_an_answer():
+                rho[:, off + s : off + s + sub.shape[1]] = lagged_pearson(sub, lags, detrend=detrend)
         del x, sub  # before the next block is read
     names = np.asarray(ds["param"].values).astype(str)[cols]
     mag = np.abs(np.asarray(ds["final"].values, dtype=np.float64)[cols])
@@ -441,8 +472,11 @@ def rho_by_magnitude(
     stats = np.full((3, len(pnames), B, lags.size), np.nan)
     count = np.zeros((len(pnames), B), dtype=np.int64)
     edges = np.full((len(pnames), B + 1), np.nan)
+    unanalysed = _unanalysed(names, mag, pnames)
     for i, p in enumerate(pnames):
         sel = names == p
+        if p in unanalysed:  # no finite final |w|: its bins stay empty, the other params go on
+            continue
         edges[i] = bin_edges(mag[sel], B, binning)
         idx = assign_bins(mag[sel], edges[i])
         r = rho[:, sel]
@@ -466,7 +500,7 @@ def rho_by_magnitude(
         },
         coords={"param": pnames, "bin": np.arange(B), "lag": lags, "lag_steps": ("lag", lags * every)},
         attrs={"T": T_rows, "every": every, "max_lag": lag, "window": [float(window[0]), float(window[1])],
-               "detrend": detrend, "binning": binning},
+               "detrend": detrend, "binning": binning, "unanalysed": unanalysed},
     )
 
 

@@ -19,7 +19,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from corrtools.errors import CorrtoolsError
 
-__all__ = ["BINNINGS", "Binning", "BinStats", "bin_edges", "assign_bins", "binned_median"]
+__all__ = ["BINNINGS", "Binning", "BinStats", "bin_edges", "assign_bins", "binned_median", "check_bins"]
 
 Binning = Literal["quantile", "log", "linear"]
 BINNINGS: tuple[str, ...] = ("quantile", "log", "linear")
@@ -29,16 +29,21 @@ _BOOT_BATCH_VALUES = 1 << 22
 _THREADS = min(2, os.cpu_count() or 1)
 
 
+def check_bins(bins: int, binning: str = "quantile") -> None:
+    """CorrtoolsError unless ``bins`` is a positive integer and ``binning`` a known rule."""
+    if binning not in BINNINGS:
+        raise CorrtoolsError(f"binning={binning!r} is unknown; use one of {', '.join(map(repr, BINNINGS))}.")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise CorrtoolsError(f"bins={bins!r} must be a positive integer, e.g. 10.")
+
+
 def bin_edges(magnitude: ArrayLike, bins: int = 10, binning: Binning = "quantile") -> NDArray[np.float64]:
     """Edges (bins + 1,) over the magnitudes (N,) ≥ 0, ascending, covering min..max.
 
     ``"quantile"``: equal counts per bin; ``"log"``: equal ratios between the smallest positive and the
     largest magnitude (exact zeros fall in the first bin); ``"linear"``: equal widths.
     """
-    if binning not in BINNINGS:
-        raise CorrtoolsError(f"binning={binning!r} is unknown; use one of {', '.join(map(repr, BINNINGS))}.")
-    if int(bins) < 1:
-        raise CorrtoolsError(f"bins={bins} must be a positive integer.")
+    check_bins(bins, binning)
     m = np.asarray(magnitude, dtype=np.float64).reshape(-1)
     m = m[np.isfinite(m)]
     if m.size == 0:
