@@ -25,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; quick: 1)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="fraction of the full step budget, for a stated reduced run (default 1)")
+    p.add_argument("--workload", action="append", default=None, choices=["charlm", "digits"],
+                   help="only the runs of this workload (repeatable; default: all the experiment uses)")
     p.add_argument("--out", type=Path, default=Path("data/results"), help="results folder (default data/results)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from corrtools.experiments.runner import run_experiment
 
     res = run_experiment(args.name, quick=args.quick, seeds=args.seeds, scale=args.scale, out=args.out,
-                         progress=not args.no_progress)
+                         workloads=args.workload, progress=not args.no_progress)
     with __import__("pandas").option_context("display.width", 160, "display.max_rows", 200):
         print(res.summary.to_string(index=False))
     return 0

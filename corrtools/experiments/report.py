@@ -13,6 +13,7 @@ from corrtools.experiments.plots import LABELS, mean_std
 
 __all__ = ["claims", "size_line", "table"]
 
+_STRUCTS = ["unstructured", "2:4", "2:4-2d"] + [f"block:{b}" for b in (1, 2, 4, 8, 16, 32)]
 _ORDER = ["dense", "small", "sparse", "no_exploit", "fix", "regularize", "set", "rigl", "lottery", "sr_ste"]
 
 
@@ -39,14 +40,16 @@ def table(df: pd.DataFrame, columns: str = "density") -> pd.DataFrame:
         LABELS[m] if s == "unstructured" or m == "sr_ste" else f"{LABELS[m]} {s}"
         for m, s in zip(df.method, df.structure)
     ]
-    d = df.assign(label=label, order=[_ORDER.index(m) for m in df.method])
+    order = [_ORDER.index(m) * 100 + (int(st.split(":")[1]) if st.startswith("block:") else len(st))
+             for m, st in zip(df.method, df.structure)]  # method order, then block side / structure
+    d = df.assign(label=label, order=order)
     cells = []
     for (w, lab, col), g in d.groupby(["workload", "label", columns], sort=False):
         s = mean_std(g, ["workload"]).iloc[0]
         cells.append({"workload": w, "method": lab, "order": g.order.iloc[0], columns: col,
                       "cell": _fmt(s["mean"], s["std"], w)})
     t = pd.DataFrame(cells)
-    col_order = sorted(set(t[columns]), reverse=True)
+    col_order = sorted(set(t[columns]), key=lambda v: (-v if isinstance(v, float) else _STRUCTS.index(v)))
     out = t.pivot_table(index=["workload", "order", "method"], columns=columns, values="cell", aggfunc="first")
     out = out.reindex(columns=col_order).fillna("")
     return out.droplevel("order").sort_index(level=0, sort_remaining=False)

@@ -12,6 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,12 @@ def _run_cached(out: Path, spec: RunSpec, recorded: bool) -> tuple[list[dict[str
 
 
 def run_experiment(name: str, *, quick: bool = False, seeds: int | None = None, scale: float = 1.0,
-                   out: str | os.PathLike[str] = "data/results", progress: bool = True) -> ExperimentResult:
-    """Run (or read from the cache) every configuration of ``name``; write its CSV and plot."""
+                   out: str | os.PathLike[str] = "data/results", workloads: Sequence[str] | None = None,
+                   progress: bool = True) -> ExperimentResult:
+    """Run (or read from the cache) every configuration of ``name``; write its CSV and plot.
+
+    ``workloads`` keeps only the runs of those workloads (default: all the experiment uses).
+    """
     from tqdm.auto import tqdm
 
     from corrtools.experiments.plots import plot_experiment
@@ -75,6 +80,12 @@ def run_experiment(name: str, *, quick: bool = False, seeds: int | None = None, 
         raise CorrtoolsError(f"--scale {scale} must be a fraction of the full step budget in (0, 1].")
     out = Path(out)
     specs = exp.specs(quick, n_seeds, 1.0 if quick else scale)
+    if workloads is not None:
+        unknown = set(workloads) - {s.workload for s in specs}
+        if unknown:
+            raise CorrtoolsError(f"{name} has no runs on workload(s) {sorted(unknown)}; "
+                                 f"it uses {sorted({s.workload for s in specs})}.")
+        specs = [s for s in specs if s.workload in workloads]
     rows: list[dict[str, Any]] = []
     trained = 0
     start = time.perf_counter()

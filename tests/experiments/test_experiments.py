@@ -126,6 +126,9 @@ def test_cli_experiment(quick, capsys):
     assert main(["experiment", "fig9", "--quick", "--out", str(out), "--no-progress"]) == 0
     assert "density" in capsys.readouterr().out
     assert main(["experiment", "fig4", "--quick", "--seeds", "0", "--out", str(out), "--no-progress"]) == 2
+    assert main(["experiment", "table3", "--quick", "--workload", "digits", "--out", str(out), "--no-progress"]) == 2
+    digits = run_experiment("fig9", quick=True, out=out, workloads=["digits"], progress=False)
+    assert set(digits.rows.workload) == {"digits"} and digits.trained == 0
 
 
 NOTEBOOKS = ("fig1", "fig2", "fig3", "fig4_table1", "table2", "table3", "fig9")
