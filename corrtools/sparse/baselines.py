@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from corrtools.errors import CorrtoolsError
 from corrtools.sparse.config import Structure
-from corrtools.sparse.exploit import Regularize, zero_optimizer_state_
+from corrtools.sparse.exploit import Regularize
 from corrtools.sparse.masks import kept_count, topk_mask
 from corrtools.sparse.ops import MASK_BUFFER, mask_module_, unmask_module_
 from corrtools.sparse.sparsifier import Selector, Sparsifier, _select_layers
@@ -166,7 +166,7 @@ class _MaskedTraining:
         for name, module in self._modules.items():
             mask = getattr(module, MASK_BUFFER)
             module.weight.masked_fill_(~mask, 0.0)
-            zero_optimizer_state_(self.optimizer, module.weight, mask)
+            _zero_state_(self.optimizer, module.weight, mask)
 
     @property
     def steps_done(self) -> int:
@@ -299,7 +299,7 @@ class _DynamicSparse(_MaskedTraining):
         kept[grow] = True
         flat.copy_(kept)  # in place: the module's buffer stays the same tensor
         w.view(-1)[grow] = 0.0  # new weights start at zero, with no optimizer history (a dropped
-        zero_optimizer_state_(self.optimizer, w, history.view(w.shape))  # and regrown one neither)
+        _zero_state_(self.optimizer, w, history.view(w.shape))  # and regrown one neither)
         w.mul_(mask)
         self.last_update[name] = (k, k)
 
@@ -451,3 +451,13 @@ def _smallest(values: Tensor, k: int) -> Tensor:
 def _check_fraction(value: float, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise CorrtoolsError(f"{name}={value!r} must be a fraction in (0, 1].")
+
+
+@torch.no_grad()
+def _zero_state_(optimizer: torch.optim.Optimizer, param: Tensor, keep: Tensor) -> None:
+    """Zero every optimizer state tensor shaped like ``param`` (momenta and second moments) where
+    ``keep`` is False: weights outside the mask, and grown ones, start with no history, as in RigL.
+    (RESET's ``zero_optimizer_state_`` keeps second moments on purpose; here n never updates.)"""
+    for value in optimizer.state.get(param, {}).values():
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            value.masked_fill_(~keep, 0)
