@@ -23,8 +23,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(EXPERIMENTS), metavar="NAME", help="fig1, fig2, fig3, fig4, table2, table3 or fig9")
     p.add_argument("--quick", action="store_true", help="tiny models, 20 steps: a smoke test in seconds")
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; quick: 1)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="fraction of the full step budget, for a stated reduced run (default 1)")
+    p.add_argument("--scale", action="append", default=None, metavar="F or WORKLOAD=F",
+                   help="fraction of the full step budget, for a stated reduced run (default 1); "
+                        "WORKLOAD=F scales one workload (repeatable)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="train nothing: write the CSV and plot from the runs finished so far")
     p.add_argument("--workload", action="append", default=None, choices=["charlm", "digits"],
                    help="only the runs of this workload (repeatable; default: all the experiment uses)")
     p.add_argument("--out", type=Path, default=Path("data/results"), help="results folder (default data/results)")
@@ -35,8 +38,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from corrtools.experiments.runner import run_experiment
 
-    res = run_experiment(args.name, quick=args.quick, seeds=args.seeds, scale=args.scale, out=args.out,
-                         workloads=args.workload, progress=not args.no_progress)
+    res = run_experiment(args.name, quick=args.quick, seeds=args.seeds, scale=_scale(args.scale), out=args.out,
+                         workloads=args.workload, cached_only=args.cached_only, progress=not args.no_progress)
     with __import__("pandas").option_context("display.width", 160, "display.max_rows", 200):
         print(res.summary.to_string(index=False))
     return 0
+
+
+def _scale(values: list[str] | None) -> float | dict[str, float]:
+    """``--scale`` values: one fraction, or WORKLOAD=F pairs."""
+    from corrtools.errors import CorrtoolsError
+
+    if not values:
+        return 1.0
+    try:
+        if len(values) == 1 and "=" not in values[0]:
+            return float(values[0])
+        pairs = [v.split("=", 1) for v in values]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+        return {w.strip(): float(f) for w, f in pairs}
+    except ValueError:
+        raise CorrtoolsError(f"--scale {' '.join(values)}: give one fraction (0.5) or WORKLOAD=F pairs "
+                             "(charlm=0.25).") from None

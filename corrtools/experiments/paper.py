@@ -8,13 +8,14 @@ models (a smoke test, not a result).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 from corrtools.experiments.runs import RunSpec
 
-__all__ = ["DENSITIES", "EXPERIMENTS", "Experiment", "FULL_STEPS", "QUICK_STEPS", "steps_for", "fixed_z"]
+__all__ = ["DENSITIES", "EXPERIMENTS", "Experiment", "FULL_STEPS", "QUICK_STEPS", "Scale", "fixed_z",
+           "gap_fraction", "steps_for"]
 
 DENSITIES = (0.5, 0.25, 0.1)
 QUICK_DENSITIES = (0.5, 0.1)  # quick mode: fewer configurations, the same code paths
@@ -23,9 +24,16 @@ QUICK_STEPS = 20
 BLOCKS = (1, 2, 4, 8, 16, 32)
 
 
-def steps_for(workload: str, quick: bool, scale: float = 1.0) -> int:
-    """The step budget of ``workload``: 20 in quick mode, else ``FULL_STEPS * scale`` (at least 20)."""
-    return QUICK_STEPS if quick else max(QUICK_STEPS, int(round(FULL_STEPS[workload] * scale)))
+Scale = Union[float, Mapping[str, float]]  # one fraction of the full budget, or one per workload
+
+
+def steps_for(workload: str, quick: bool, scale: Scale = 1.0) -> int:
+    """The step budget of ``workload``: 20 in quick mode, else ``FULL_STEPS * scale`` (at least 20).
+
+    ``scale`` is a fraction of the full budget, or a mapping workload -> fraction (missing: 1).
+    """
+    f = scale.get(workload, 1.0) if isinstance(scale, Mapping) else scale
+    return QUICK_STEPS if quick else max(QUICK_STEPS, int(round(FULL_STEPS[workload] * f)))
 
 
 def fixed_z(steps: int) -> int:
@@ -38,13 +46,13 @@ class Experiment:
     name: str
     title: str
     claim: str  # what the paper claims, in one sentence
-    specs: Callable[[bool, int, float], list[RunSpec]]  # (quick, seeds, scale) -> runs
+    specs: Callable[[bool, int, Scale], list[RunSpec]]  # (quick, seeds, scale) -> runs
     group: tuple[str, ...]  # columns that identify a configuration (seeds are averaged over)
     minutes_full: float  # estimated time of the full mode on the 2-core machine, minutes
     recorded: bool = False  # fig1: runs are recorded and analysed, many rows per run
 
 
-def _base(workload: str, quick: bool, scale: float, seed: int, **kw: Any) -> RunSpec:
+def _base(workload: str, quick: bool, scale: Scale, seed: int, **kw: Any) -> RunSpec:
     return RunSpec(workload=workload, steps=steps_for(workload, quick, scale), seed=seed,
                    size="quick" if quick else "full", **kw)
 
@@ -53,18 +61,18 @@ def _densities(quick: bool) -> tuple[float, ...]:
     return QUICK_DENSITIES if quick else DENSITIES
 
 
-def _sparse(workload: str, quick: bool, scale: float, seed: int, **kw: Any) -> RunSpec:
+def _sparse(workload: str, quick: bool, scale: Scale, seed: int, **kw: Any) -> RunSpec:
     """SPARSE: Algorithm 1 with RESET (r = 1, s = 1) and the fixed z of :func:`fixed_z` unless given."""
     z = kw.pop("z", fixed_z(steps_for(workload, quick, scale)))
     return _base(workload, quick, scale, seed, method="sparse", z=z, **kw)
 
 
-def _fig1(quick: bool, seeds: int, scale: float) -> list[RunSpec]:
+def _fig1(quick: bool, seeds: int, scale: Scale) -> list[RunSpec]:
     return [_base(w, quick, scale, s, method="dense", optimizer=o)
             for w in ("charlm", "digits") for o in ("adamw", "sgd") for s in range(seeds)]
 
 
-def _fig2(quick: bool, seeds: int, scale: float) -> list[RunSpec]:
+def _fig2(quick: bool, seeds: int, scale: Scale) -> list[RunSpec]:
     w = "digits"
     T = steps_for(w, quick, scale)
     zs: list[int | None] = [1, 10, 100, None] if not quick else [1, 5, None]
@@ -77,7 +85,7 @@ def _fig2(quick: bool, seeds: int, scale: float) -> list[RunSpec]:
     return list(dict.fromkeys(out))  # the default (r = 1, s = 1, z) appears in each sweep once
 
 
-def _fig3(quick: bool, seeds: int, scale: float) -> list[RunSpec]:
+def _fig3(quick: bool, seeds: int, scale: Scale) -> list[RunSpec]:
     w = "digits"
     out = [_base(w, quick, scale, s, method="dense") for s in range(seeds)]
     for s in range(seeds):
@@ -88,7 +96,7 @@ def _fig3(quick: bool, seeds: int, scale: float) -> list[RunSpec]:
     return out
 
 
-def _fig4(quick: bool, seeds: int, scale: float) -> list[RunSpec]:
+def _fig4(quick: bool, seeds: int, scale: Scale) -> list[RunSpec]:
     out: list[RunSpec] = []
     for w in ("digits", "charlm"):
         for s in range(seeds):
@@ -100,7 +108,7 @@ def _fig4(quick: bool, seeds: int, scale: float) -> list[RunSpec]:
     return out
 
 
-def _table2(quick: bool, seeds: int, scale: float) -> list[RunSpec]:
+def _table2(quick: bool, seeds: int, scale: Scale) -> list[RunSpec]:
     out: list[RunSpec] = []
     for w in ("digits", "charlm"):
         for s in range(seeds):
@@ -110,7 +118,7 @@ def _table2(quick: bool, seeds: int, scale: float) -> list[RunSpec]:
     return out
 
 
-def _table3(quick: bool, seeds: int, scale: float) -> list[RunSpec]:
+def _table3(quick: bool, seeds: int, scale: Scale) -> list[RunSpec]:
     w = "charlm"  # every sparsifiable matrix's sides are multiples of 32 (the digits' convs are not)
     out: list[RunSpec] = []
     for s in range(seeds):

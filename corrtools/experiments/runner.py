@@ -12,14 +12,14 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from corrtools.errors import CorrtoolsError
-from corrtools.experiments.paper import EXPERIMENTS, gap_fraction
+from corrtools.experiments.paper import EXPERIMENTS, Scale, gap_fraction
 from corrtools.experiments.runs import RunSpec, train
 
 __all__ = ["ExperimentResult", "fig9_table", "load_results", "run_experiment", "summarize"]
@@ -33,6 +33,7 @@ class ExperimentResult:
     rows: pd.DataFrame  # one row per run (fig1: per run, analysis, layer and bin)
     summary: pd.DataFrame  # mean, std and count over seeds per configuration
     trained: int  # runs trained now (the rest came from the cache)
+    missing: int = 0  # runs left out by cached_only (not finished yet)
 
 
 def _cache_path(out: Path, spec: RunSpec, recorded: bool) -> Path:
@@ -59,12 +60,15 @@ def _run_cached(out: Path, spec: RunSpec, recorded: bool) -> tuple[list[dict[str
     return rows, True
 
 
-def run_experiment(name: str, *, quick: bool = False, seeds: int | None = None, scale: float = 1.0,
+def run_experiment(name: str, *, quick: bool = False, seeds: int | None = None, scale: Scale = 1.0,
                    out: str | os.PathLike[str] = "data/results", workloads: Sequence[str] | None = None,
-                   progress: bool = True) -> ExperimentResult:
+                   cached_only: bool = False, progress: bool = True) -> ExperimentResult:
     """Run (or read from the cache) every configuration of ``name``; write its CSV and plot.
 
-    ``workloads`` keeps only the runs of those workloads (default: all the experiment uses).
+    ``scale``: fraction of the full step budget, or a mapping workload -> fraction (a reduced run,
+    stated in the ``mode`` column). ``workloads`` keeps only the runs of those workloads (default:
+    all the experiment uses). ``cached_only`` trains nothing: the CSV and plot hold the runs finished
+    so far (for a deadline); the rest are counted in ``missing``.
     """
     from tqdm.auto import tqdm
 
@@ -76,7 +80,8 @@ def run_experiment(name: str, *, quick: bool = False, seeds: int | None = None, 
     n_seeds = (1 if quick else 3) if seeds is None else seeds
     if n_seeds < 1:
         raise CorrtoolsError(f"--seeds {n_seeds} must be at least 1.")
-    if not 0 < scale <= 1 and not quick:
+    fractions = list(scale.values()) if isinstance(scale, Mapping) else [scale]
+    if not quick and not all(0 < f <= 1 for f in fractions):
         raise CorrtoolsError(f"--scale {scale} must be a fraction of the full step budget in (0, 1].")
     out = Path(out)
     specs = exp.specs(quick, n_seeds, 1.0 if quick else scale)
@@ -87,13 +92,18 @@ def run_experiment(name: str, *, quick: bool = False, seeds: int | None = None, 
                                  f"it uses {sorted({s.workload for s in specs})}.")
         specs = [s for s in specs if s.workload in workloads]
     rows: list[dict[str, Any]] = []
-    trained = 0
+    trained = missing = 0
     start = time.perf_counter()
     for spec in tqdm(specs, desc=f"{name}", unit="run", disable=not progress):
+        if cached_only and not _cache_path(out, spec, exp.recorded).exists():
+            missing += 1
+            continue
         got, new = _run_cached(out, spec, exp.recorded)
         rows += got
         trained += new
-    mode = "quick" if quick else ("full" if scale == 1.0 else f"reduced (steps x {scale:g})")
+    if not rows:
+        raise CorrtoolsError(f"No finished runs of {name} in {out / 'cache'}; run it without --cached-only.")
+    mode = "quick" if quick else _mode(scale)
     df = pd.DataFrame(rows)
     df.insert(0, "mode", mode)
     df.insert(0, "experiment", name)
@@ -105,9 +115,16 @@ def run_experiment(name: str, *, quick: bool = False, seeds: int | None = None, 
     summary = summarize(table, name)
     plot_experiment(name, table, plot, title=f"{exp.title} [{mode}, {n_seeds} seed(s)]")
     if progress:
-        print(f"{name}: {len(specs)} runs ({trained} trained now) in {time.perf_counter() - start:.0f} s; "
+        print(f"{name}: {len(specs) - missing} runs ({trained} trained now, {missing} not run) in {time.perf_counter() - start:.0f} s; "
               f"wrote {csv} and {plot}")
-    return ExperimentResult(name, csv, plot, table, summary, trained)
+    return ExperimentResult(name, csv, plot, table, summary, trained, missing)
+
+
+def _mode(scale: Scale) -> str:
+    if isinstance(scale, Mapping):
+        parts = [f"{w} steps x {f:g}" for w, f in sorted(scale.items()) if f != 1.0]
+        return f"reduced ({', '.join(parts)})" if parts else "full"
+    return "full" if scale == 1.0 else f"reduced (steps x {scale:g})"
 
 
 def load_results(name: str, out: str | os.PathLike[str] = "data/results", quick: bool = False) -> pd.DataFrame:

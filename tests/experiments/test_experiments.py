@@ -52,6 +52,8 @@ def test_interrupted_experiment_resumes_from_cache(quick):
     out, res = quick
     spec = EXPERIMENTS["table2"].specs(True, 1, 1.0)[1]
     (out / "cache" / f"{spec.key()}.json").unlink()  # as if the run had been killed before it ended
+    partial = run_experiment("table2", quick=True, out=out, cached_only=True, progress=False)
+    assert (partial.missing, partial.trained, len(partial.rows)) == (1, 0, len(res["table2"].rows) - 1)
     again = run_experiment("table2", quick=True, out=out, progress=False)
     assert again.trained == 1
     pd.testing.assert_frame_equal(again.rows.drop(columns="wall_s"), res["table2"].rows.drop(columns="wall_s"))
@@ -87,6 +89,18 @@ def test_fig9_is_the_gap_formula(quick):
     assert row.f == pytest.approx((es - ep) / (es - ed))
     assert math.isnan(gap_fraction(0.3, 0.2, 0.3))
     assert len(fig9_table(fig4)) == len(f)
+
+
+def test_scales_per_workload():
+    from corrtools.commands.experiment import _scale
+    from corrtools.experiments.paper import steps_for
+
+    assert _scale(["0.5"]) == 0.5 and _scale(["charlm=0.25", "digits=1"]) == {"charlm": 0.25, "digits": 1.0}
+    with pytest.raises(CorrtoolsError, match="--scale"):
+        _scale(["fast"])
+    specs = EXPERIMENTS["table2"].specs(False, 1, {"charlm": 0.25})
+    assert {(s.workload, s.steps) for s in specs} == {("digits", 1000), ("charlm", 500)}
+    assert steps_for("digits", True, 0.1) == 20
 
 
 def test_train_is_seeded_and_specs_are_validated():
