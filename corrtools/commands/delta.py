@@ -1,7 +1,7 @@
 """``corrtools delta``: the paper's Figure 1 from a run store, and the table it plots.
 
     corrtools delta run.zarr [-o delta.png] [--param NAME ...] [--bins 10] [--density 0.5]
-                             [--window 0.5:1] [--detrend linear] [--csv out.csv | --json]
+                             [--window 0.5:1] [--detrend linear] [--threads N] [--csv out.csv | --json]
 """
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ def add_analysis_arguments(p: argparse.ArgumentParser, bins: int) -> None:
                    help="remove a linear trend or analyse increments first (default none)")
     p.add_argument("--max-lag", type=int, default=None, metavar="ROWS",
                    help="largest lag searched, in recorded steps (default half the window)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for the analysis (default: every core this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -100,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     res = delta_by_magnitude(
         args.store, params=args.param, bins=args.bins, binning=args.binning, window=window,
         max_lag=args.max_lag, detrend=args.detrend, ci=args.ci, progress=not args.no_progress,
+        threads=args.threads,
     )
     plot_delta(res, args.output, density=args.density)
     for name in res.attrs.get("unanalysed", []):

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     res = rho_by_magnitude(
         args.store, params=args.param, bins=args.bins, binning=args.binning, window=window,
         max_lag=args.max_lag, n_lags=args.lags, detrend=args.detrend, progress=not args.no_progress,
+        threads=args.threads,
     )
     plot_rho(res, args.output)
     for name in res.attrs.get("unanalysed", []):

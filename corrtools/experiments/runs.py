@@ -129,12 +129,13 @@ def method_object(spec: RunSpec, wl: Any) -> Any:
 
 def _sparse_weights(spec: RunSpec, wl: Any, obj: Any) -> tuple[int, int]:
     """(weights in the sparsifiable layers, of which participating at the end)."""
-    from corrtools.sparse.sparsifier import _select_layers
     from corrtools.sparse.config import Structure
+    from corrtools.sparse.selection import select_layers
 
     if obj is None:
-        layers = _select_layers(wl.model, Structure("unstructured"), None, DENSE_LAYERS[spec.workload])
-        n = sum(m.weight.numel() for _, m in layers)
+        unstructured = Structure("unstructured")
+        layers = select_layers(wl.model, lambda name, m: unstructured, None, DENSE_LAYERS[spec.workload])
+        n = sum(sel.modules[0].weight.numel() for sel in layers)
         return n, n
     masks = obj.masks
     return sum(m.numel() for m in masks.values()), sum(int(m.sum()) for m in masks.values())

@@ -37,18 +37,19 @@ import torch
 from torch import Tensor, nn
 
 from corrtools.errors import CorrtoolsError
+from corrtools.sparse.allocation import erk_densities
 from corrtools.sparse.config import Structure
 from corrtools.sparse.exploit import Regularize
 from corrtools.sparse.masks import kept_count, topk_mask
 from corrtools.sparse.ops import MASK_BUFFER, mask_module_, unmask_module_
-from corrtools.sparse.sparsifier import Selector, Sparsifier, _select_layers
+from corrtools.sparse.selection import Selector, select_layers
+from corrtools.sparse.sparsifier import Sparsifier
 
 __all__ = [
     "DISTRIBUTIONS",
     "Lottery",
     "RigL",
     "SET",
-    "erk_densities",
     "layer_densities",
     "small_width",
     "sr_ste",
@@ -59,36 +60,13 @@ _UNSTRUCTURED = Structure("unstructured")
 
 
 # ----------------------------------------------------------------------------- densities and SMALL
-def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float]:
-    """Erdős–Rényi-Kernel per-layer densities whose kept weights total ``density`` of all weights.
-
-    Layer l's density is ``c * sum(shape_l) / prod(shape_l)`` (Linear (out, in): (out+in)/(out·in);
-    Conv (k, c, r, s): (k+c+r+s)/(k·c·r·s), as in RigL), with one scale ``c`` for all layers; a layer
-    whose density would exceed 1 is made dense and ``c`` is solved again for the others.
-    """
-    _check_fraction(density, "density")
-    sizes = [math.prod(s) for s in shapes]
-    raw = [sum(s) / math.prod(s) for s in shapes]
-    dense: set[int] = set()
-    while True:
-        budget = density * sum(sizes) - sum(sizes[i] for i in dense)
-        free = [i for i in range(len(shapes)) if i not in dense]
-        if not free:
-            return [1.0] * len(shapes)
-        c = budget / sum(raw[i] * sizes[i] for i in free)
-        over = [i for i in free if c * raw[i] > 1.0]
-        if not over:
-            return [1.0 if i in dense else c * raw[i] for i in range(len(shapes))]
-        dense |= set(over)
-
-
 def layer_densities(shapes: Sequence[Sequence[int]], density: float, distribution: str) -> list[float]:
     """Per-layer densities: ``"uniform"`` (every layer ``density``) or ``"erk"`` (:func:`erk_densities`)."""
     if distribution == "uniform":
         _check_fraction(density, "density")
         return [float(density)] * len(shapes)
     if distribution == "erk":
-        return erk_densities(shapes, density)
+        return erk_densities(shapes, density)  # corrtools.sparse.allocation
     raise CorrtoolsError(f"distribution={distribution!r} is unknown; use one of {DISTRIBUTIONS}.")
 
 
@@ -129,8 +107,13 @@ class _MaskedTraining:
         self._step = 0
         self._finalized = False
         self._modules: dict[str, nn.Module] = {}
-        for module_name, module in _select_layers(model, _UNSTRUCTURED, include, exclude):
-            self._modules[f"{module_name}.weight" if module_name else "weight"] = module
+        for sel in select_layers(model, lambda name, module: _UNSTRUCTURED, include, exclude):
+            if len(sel.modules) > 1:
+                raise CorrtoolsError(
+                    f"{sel.name!r} is shared by {', '.join(sel.module_names)}; the baselines mask one "
+                    "module per weight: exclude it or untie the weights."
+                )
+            self._modules[sel.name] = sel.modules[0]
         if not self._modules:
             raise CorrtoolsError("No Linear/Conv layer of the model can be sparsified; name them with include=[...].")
         self._hooks: list[Any] = []

@@ -15,7 +15,7 @@ from corrtools.experiments import EXPERIMENTS, RunSpec, run_experiment, train
 from corrtools.experiments.paper import gap_fraction
 from corrtools.experiments.runner import fig9_table
 from corrtools.sparse.config import Structure
-from corrtools.sparse.sparsifier import _select_layers
+from corrtools.sparse.selection import select_layers
 
 pytest.importorskip("sklearn")
 
@@ -121,11 +121,14 @@ def test_digits_split_fixed_and_small_widths():
     assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_test, b.y_test)
     assert a.x_test.shape == (597, 1, 8, 8) and len(a.x_train) == 1200
     assert not torch.equal(a.model.conv2.weight, b.model.conv2.weight)
-    for name, mod in _select_layers(a.model, Structure("2:4"), None, ["conv1"]):
-        assert not isinstance(mod, torch.nn.Conv2d) or mod.in_channels % 16 == 0, name
+    nm = Structure.parse("2:4")
+    chosen = select_layers(a.model, lambda n, m: nm, None, None)  # the default: conv1 (1 channel) stays dense
+    assert [sel.name for sel in chosen] == ["conv2.weight", "conv3.weight", "fc.weight"]
+    assert all(m.in_channels % 16 == 0 for sel in chosen for m in sel.modules if isinstance(m, torch.nn.Conv2d))
 
     def count(model):
-        return sum(m.weight.numel() for _, m in _select_layers(model, Structure("unstructured"), None, ["conv1"]))
+        un = Structure("unstructured")
+        return sum(s.modules[0].weight.numel() for s in select_layers(model, lambda n, m: un, None, ["conv1"]))
 
     dense = count(a.model)
     for d in (0.5, 0.25, 0.1):

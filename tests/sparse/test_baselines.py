@@ -10,7 +10,8 @@ from torch import nn
 
 from corrtools.errors import CorrtoolsError
 from corrtools.sparse import Regularize
-from corrtools.sparse.baselines import SET, Lottery, RigL, erk_densities, layer_densities, small_width, sr_ste
+from corrtools.sparse.allocation import erk_densities
+from corrtools.sparse.baselines import SET, Lottery, RigL, layer_densities, small_width, sr_ste
 from corrtools.sparse.masks import kept_count
 
 
