@@ -43,7 +43,7 @@ class RunSpec:
     rewire_every: int = 1  # r
     grad_scale: float = 1.0  # s
     z: int | str | None = None  # RESET interval in steps; None: never reset
-    distribution: str = "uniform"  # SET / RigL / LOTTERY per-layer densities: "uniform" | "erk"
+    distribution: str = "uniform"  # per-layer densities of free-density masks: "uniform" | "erk"
     optimizer: str = "adamw"  # "adamw" | "sgd"
 
     def __post_init__(self) -> None:
@@ -123,8 +123,11 @@ def method_object(spec: RunSpec, wl: Any) -> Any:
         "fix": Fix(at=0.5),
         "regularize": Regularize(beta=2e-4),
     }[m]
-    return Sparsifier(model, opt, density=density, structure=spec.structure, rewire_every=spec.rewire_every,
-                      grad_scale=spec.grad_scale, exploit=exploit, total_steps=T, exclude=exclude)
+    # the same per-layer densities as SET, RigL, LOTTERY and SMALL (not the Sparsifier's global default)
+    allocation = None if density is None else spec.distribution
+    return Sparsifier(model, opt, density=density, structure=spec.structure, allocation=allocation,
+                      rewire_every=spec.rewire_every, grad_scale=spec.grad_scale, exploit=exploit,
+                      total_steps=T, exclude=exclude)
 
 
 def _sparse_weights(spec: RunSpec, wl: Any, obj: Any) -> tuple[int, int]:
@@ -132,10 +135,12 @@ def _sparse_weights(spec: RunSpec, wl: Any, obj: Any) -> tuple[int, int]:
     from corrtools.sparse.config import Structure
     from corrtools.sparse.selection import select_layers
 
-    if obj is None:
+    if obj is None:  # DENSE, SMALL: the layers the sparse methods sparsify in the dense model
         unstructured = Structure("unstructured")
-        layers = select_layers(wl.model, lambda name, m: unstructured, None, DENSE_LAYERS[spec.workload])
-        n = sum(sel.modules[0].weight.numel() for sel in layers)
+        reference = build_workload(replace(spec, method="dense")).model if spec.method == "small" else wl.model
+        names = [sel.name for sel in select_layers(reference, lambda n, m: unstructured, None,
+                                                   DENSE_LAYERS[spec.workload])]
+        n = sum(wl.model.get_parameter(name).numel() for name in names)
         return n, n
     masks = obj.masks
     return sum(m.numel() for m in masks.values()), sum(int(m.sum()) for m in masks.values())
