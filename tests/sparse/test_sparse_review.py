@@ -193,6 +193,23 @@ def test_step_reads_nothing_on_the_host(monkeypatch, structure, cpu_select, allo
     assert sp.steps_done == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU test above reads the ops")
+@pytest.mark.parametrize("structure", ["unstructured", "2:4", "2:4-2d", "block:4"])
+def test_step_does_not_sync_a_gpu(structure):
+    model = _mlp().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = Sparsifier(model, opt, structure=structure, exploit=Reset(every=1, reset_optimizer_state=True))
+    model(torch.randn(8, 16, device="cuda")).square().mean().backward()
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sp.step()
+        sp.rewire()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # ---------------------------------------------------------------- 11. validation and resuming
 def test_density_that_keeps_nothing_is_an_error():
     with pytest.raises(CorrtoolsError, match=r"density=1e-09 keeps 0 of the 512 weights of '0\.weight'"):
@@ -339,3 +356,29 @@ def test_semi_structured_checks_only_the_linear_weights(monkeypatch):
     model[2].float()
     with pytest.raises(CorrtoolsError, match=r"fp16 or bf16.*'2'"):
         kernels._conversion_targets(model)
+
+
+# ---------------------------------------------------------------- grad_scale under Adam (documented)
+def test_grad_scale_barely_changes_adam_updates_of_n():
+    """Adam divides by the root of each weight's own second moment: a constant s cancels (up to eps)."""
+    runs = {}
+    for s in (1.0, 0.1):
+        model = _mlp(seed=3)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sp = Sparsifier(model, opt, density=0.25, grad_scale=s, rewire_every=10_000)
+        _steps(model, opt, sp, 10, x=torch.randn(8, 16, generator=torch.Generator().manual_seed(0)))
+        runs[s] = (model[0].weight.detach().clone(), sp.masks["0.weight"])
+    (w1, m), (w01, _) = runs[1.0], runs[0.1]
+    w_init = _mlp(seed=3)[0].weight.detach()
+    moved = (w1 - w_init)[~m].abs().mean()
+    assert moved > 1e-3  # n did move
+    # ...by the same amount under s = 0.1, except where gradients are as small as Adam's eps
+    assert (w1 - w01)[~m].abs().median() < 0.01 * moved
+    sgd = {}
+    for s in (1.0, 0.1):  # under SGD, s scales n's steps
+        model = _mlp(seed=3)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        sp = Sparsifier(model, opt, density=0.25, grad_scale=s, rewire_every=10_000)
+        _steps(model, opt, sp, 1, x=torch.randn(8, 16, generator=torch.Generator().manual_seed(0)))
+        sgd[s] = (model[0].weight.detach() - w_init)[~m]
+    assert torch.allclose(sgd[0.1], 0.1 * sgd[1.0], atol=1e-7)
