@@ -136,7 +136,8 @@ def _fig4_claims(w: str, sub: pd.DataFrame, dm: float, ds: float) -> list[str]:
             mm, ms, n = _stat(sub, method=m, density=d)
             if n:
                 verdict = "ahead" if mm - sp > max(sps, ms) else ("behind" if sp - mm > max(sps, ms) else "tied")
-                gaps.append(f"{LABELS[m]} {mm - sp:+.4f} ({verdict})")
+                gap = f"{100 * (mm - sp):+.2f} points" if w == "digits" else f"{mm - sp:+.4f} bits/char"
+                gaps.append(f"{LABELS[m]} {gap} ({verdict})")
         out.append(f"{w} d={d:g}: SPARSE vs " + ", ".join(gaps) + " [others minus SPARSE; SPARSE 'ahead' if "
                    "the others are worse by more than the seed spread]")
     return out
