@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from corrtools.errors import CorrtoolsError
+from corrtools.workloads.training import optimizer_and_schedule
 from corrtools.workloads.text import VOCAB_SIZE, encode, stdlib_text
 
 __all__ = ["CharLMConfig", "CharTransformer", "CharLMWorkload"]
@@ -137,17 +138,6 @@ class CharTransformer(nn.Module):
         return self.head(self.ln_f(x))  # (B, T, V)
 
 
-def _lr_lambda(cfg: CharLMConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if cfg.schedule == "constant":
-            return 1.0
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
 class CharLMWorkload:
     """Model, optimizer, schedule and seeded batches of the character LM, ready to step.
 
@@ -166,13 +156,7 @@ class CharLMWorkload:
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
         torch.manual_seed(cfg.seed)
         self.model = CharTransformer(cfg).to(self.device)
-        if cfg.optimizer == "adamw":
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr,
-                                             momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.model, cfg)
         self._gen = torch.Generator().manual_seed(cfg.seed + 1)  # batch order only
 
     def get_batch(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from corrtools.errors import CorrtoolsError
+from corrtools.workloads.training import optimizer_and_schedule
 
 __all__ = ["DigitsConfig", "DigitsNet", "DigitsWorkload", "load_digits_split"]
 
@@ -108,15 +109,6 @@ class DigitsNet(nn.Module):
         return self.head(F.relu(self.fc(x.flatten(1))))
 
 
-def _lr_lambda(cfg: DigitsConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
 class DigitsWorkload:
     """Model, optimizer, schedule and seeded batches of the digits classifier, ready to step.
 
@@ -131,13 +123,7 @@ class DigitsWorkload:
         self.x_train, self.y_train = x_train[: cfg.train_size], y_train[: cfg.train_size]
         torch.manual_seed(cfg.seed)
         self.model = DigitsNet(cfg).to(self.device)
-        if cfg.optimizer == "adamw":
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr,
-                                             momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.model, cfg)
         self._gen = torch.Generator().manual_seed(cfg.seed + 1)  # batch order and shifts
 
     def get_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
