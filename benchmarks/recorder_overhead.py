@@ -16,8 +16,12 @@ wait for the writer). Prints a table and the ratios to no recorder; ``cpu_ms`` i
 whole process per step (training, the writer thread, zarr's threads), a figure less sensitive to
 other load on the machine than the wall clock. Goal: recorder_1e5 overhead <= 3%, and >= 10x less overhead than naive_1e5.
 
+``--checksum-cost`` adds the mode ``nocrc_1e5``: recorder_1e5 without the crc32c checksum codec
+that every store carries, and prints what the checksum costs per step.
+
     python benchmarks/recorder_overhead.py           # full: ~1-2 minutes on 2 cores
     python benchmarks/recorder_overhead.py --quick   # a tiny version in seconds (used by the tests)
+    python benchmarks/recorder_overhead.py --checksum-cost   # also without the checksum
 """
 from __future__ import annotations
 
@@ -55,6 +59,10 @@ class NaiveRecorder:
         self.array.append(row[None, :])
 
 
+class _NoChecksum(Recorder):
+    _checksum = False
+
+
 def _fraction(model: torch.nn.Module, target: int) -> float:
     total = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and p.is_floating_point())
     return min(1.0, target / total)
@@ -70,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                          "2 threads can stall for ~0.4 s per step; 1 thread is then the meaningful setting")
     ap.add_argument("--compressor", default="auto", choices=("auto", "lz4", "zstd", "none"),
                     help="the Recorder's values codec (default: the Recorder's default, auto)")
+    ap.add_argument("--checksum-cost", action="store_true",
+                    help="add the mode nocrc_1e5 (recorder_1e5 without the crc32c checksum) and print its cost")
     args = ap.parse_args(argv)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
@@ -91,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                        compressor=args.compressor)
         for mode, t in targets.items()
     }
+    if args.checksum_cost:
+        recorders["nocrc_1e5"] = _NoChecksum(wl.model, root / "nocrc_1e5.zarr", seed=0, compressor=args.compressor,
+                                             sample=_fraction(wl.model, targets["recorder_1e5"]))
     naive = NaiveRecorder(wl.model, root / "naive.zarr", _fraction(wl.model, targets["recorder_1e5"]))
     weights = {"none": 0, **{m: r.n_weights for m, r in recorders.items()},
                "naive_1e5": naive.array.shape[1]}
@@ -134,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"overhead recorder_1e5: {over['recorder_1e5'] * 100:.1f}% (goal <= 3%); "
           f"recorder_1e4: {over['recorder_1e4'] * 100:.1f}%; naive_1e5: {over['naive_1e5'] * 100:.1f}%")
     print(f"naive/recorder overhead at 1e5: {factor:.1f}x (goal >= 10x)")
+    if args.checksum_cost:
+        print(f"checksum cost at 1e5: step {(step['recorder_1e5'] / step['nocrc_1e5'] - 1) * 100:+.1f}%, "
+              f"process CPU {(proc['recorder_1e5'] / proc['nocrc_1e5'] - 1) * 100:+.1f}% "
+              f"(recorder_1e5 with crc32c vs nocrc_1e5 without)")
     mb = sizes["recorder_1e5"] / 2**20
     raw = weights["recorder_1e5"] * 4 * rounds * block / 2**20
     print(f"store recorder_1e5: {mb:.1f} MiB on disk for {raw:.1f} MiB of float32 ({mb / raw:.2f})")

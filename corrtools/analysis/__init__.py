@@ -15,8 +15,10 @@ from corrtools.analysis.delta import (
     summarize_by_magnitude,
 )
 from corrtools.analysis.plot import format_table, plot_delta, plot_rho
+from corrtools.analysis.threads import available_cores, resolve_threads
 
 __all__ = [
+    "available_cores",
     "decorrelation_time",
     "delta_by_magnitude",
     "delta_per_weight",
@@ -26,6 +28,7 @@ __all__ = [
     "load_delta",
     "plot_delta",
     "plot_rho",
+    "resolve_threads",
     "rho_by_magnitude",
     "save_delta",
     "summarize_by_magnitude",

@@ -23,16 +23,13 @@ import numpy as np
 import scipy.fft as sfft
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from corrtools.analysis.threads import resolve_threads
 from corrtools.errors import CorrtoolsError
 
 __all__ = ["DETRENDS", "Detrend", "detrend", "lagged_pearson", "decorrelation_time"]
 
 Detrend = Literal["none", "linear", "diff"]
 DETRENDS: tuple[str, ...] = ("none", "linear", "diff")
-
-# threads for scipy.fft; the machines this runs on are small, more threads only add overhead
-_WORKERS = 2
-
 
 def detrend(x: ArrayLike, method: Detrend = "none", *, axis: int = 0) -> NDArray[np.float64]:
     """Return x (float64) with its trend removed along ``axis`` (time).
@@ -124,8 +121,9 @@ def _fft_len(T: int, max_lag: int) -> int:
     return sfft.next_fast_len(T + max_lag, real=True)
 
 
-def _cross_fft(c: np.ndarray, max_lag: int, dtype: np.dtype, workers: int = _WORKERS) -> np.ndarray:
-    """(…, T) → (…, max_lag + 1): Σ_t c[t] c[t+τ] for τ = 0..max_lag, by one real FFT round trip.
+def _cross_fft(c: np.ndarray, max_lag: int, dtype: np.dtype, workers: int = 1) -> np.ndarray:
+    """(…, T) → (…, max_lag + 1): Σ_t c[t] c[t+τ] for τ = 0..max_lag, by one real FFT round trip
+    (``workers`` threads of scipy.fft, each taking some of the series).
 
     The FFT length n = next_fast_len(T + max_lag) leaves enough zeros that no product wraps around.
     """
@@ -183,13 +181,13 @@ def _window_moments(
     return n, sa, sb, va, vb
 
 
-def _rho_last(c: np.ndarray, lags: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _rho_last(c: np.ndarray, lags: np.ndarray, dtype: np.dtype, workers: int = 1) -> np.ndarray:
     """(…, T) de-meaned → (…, L) ρ at the given lags."""
     T = c.shape[-1]
     if _use_direct(T, lags):
         cross = _cross_direct(c, lags)
     else:
-        cross = _cross_fft(c, int(lags.max()), dtype)[..., lags].astype(np.float64)
+        cross = _cross_fft(c, int(lags.max()), dtype, workers)[..., lags].astype(np.float64)
     p1, p2 = _prefix(c)
     n, sa, sb, va, vb = _window_moments(p1, p2, lags)
     nan_lag = _nan_from_lag(c)[..., None]
@@ -221,6 +219,7 @@ def lagged_pearson(
     detrend: Detrend = "none",
     axis: int = 0,
     dtype: DTypeLike | None = None,
+    threads: int | None = None,
 ) -> NDArray[np.float64]:
     """ρ(τ) of each series: (T, N) → (L, N) float64, time along ``axis``.
 
@@ -229,7 +228,9 @@ def lagged_pearson(
     A few lags are computed directly (one dot product each), many by one FFT. ``dtype`` is the FFT's
     precision (default: float32 for float32 input, float64 otherwise); a float32 FFT's error is
     relative to the whole series, so it is good to ~1e-5 up to τ = T/2 but not for the short windows
-    near τ = T: pass ``dtype=np.float64`` for those. Raises CorrtoolsError if T < 3.
+    near τ = T: pass ``dtype=np.float64`` for those. ``threads`` is scipy.fft's worker count
+    (default: the cores this process may use, see ``corrtools.analysis.threads``). Raises
+    CorrtoolsError if T < 3.
 
     >>> import numpy as np
     >>> x = np.sin(2 * np.pi * np.arange(4000) / 40)[:, None]   # period 40 steps, (T, N) = (4000, 1)
@@ -241,7 +242,7 @@ def lagged_pearson(
     ftype = _fft_dtype(arr, dtype)
     c = _prepare(np.moveaxis(arr, axis, -1), detrend)
     lag_arr = _as_lags(lags, c.shape[-1])
-    rho = _rho_last(c, lag_arr, ftype)
+    rho = _rho_last(c, lag_arr, ftype, resolve_threads(threads))
     return np.moveaxis(rho, -1, axis)
 
 
@@ -310,7 +311,7 @@ _FIRST_LAGS = 64
 
 
 def _delta_last(
-    c: np.ndarray, max_lag: int, dtype: np.dtype, workers: int = _WORKERS
+    c: np.ndarray, max_lag: int, dtype: np.dtype, workers: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """(…, T) de-meaned → Δ (…,) float64 and censored (…,) bool. See ``decorrelation_time``.
 
@@ -382,6 +383,7 @@ def decorrelation_time(
     detrend: Detrend = "none",
     axis: int = 0,
     dtype: DTypeLike | None = None,
+    threads: int | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """Δ of each series: (T, N) → (delta (N,), censored (N,)), Δ in steps (float).
 
@@ -391,7 +393,8 @@ def decorrelation_time(
     Δ is NaN when ρ becomes undefined (a constant window) before it crosses zero, e.g. a constant series.
     ``detrend`` is applied first (see ``detrend``); ``dtype`` is the FFT's precision (default float32
     for float32 input, float64 otherwise; the zero crossing is found at that precision and the
-    interpolation done in float64). Raises CorrtoolsError if the series has fewer than 3 steps.
+    interpolation done in float64). ``threads`` is scipy.fft's worker count (default: the cores this
+    process may use). Raises CorrtoolsError if the series has fewer than 3 steps.
 
     >>> import numpy as np
     >>> t = np.arange(4000)
@@ -404,4 +407,4 @@ def decorrelation_time(
     ftype = _fft_dtype(arr, dtype)
     c = _prepare(np.moveaxis(arr, axis, -1), detrend, ftype)
     lag = _check_max_lag(max_lag, c.shape[-1])
-    return _delta_last(c, lag, ftype)
+    return _delta_last(c, lag, ftype, resolve_threads(threads))

@@ -7,6 +7,13 @@ memory is set by one block (``max_block_bytes``), not by the store. With a dask-
 ``open_run(path, chunks={"weight": 4096})``) the same kernel runs through
 ``xr.apply_ufunc(..., dask="parallelized")`` on whatever scheduler is active, and gives the same numbers.
 
+Threads. The slices of a block run on ``threads`` threads (default: the cores this process may use;
+see ``corrtools.analysis.threads``). Their working memory is split among them, so peak memory is
+about one block plus ``_KERNEL_BYTES`` (192 MiB) however many threads run: each slice gets
+``_KERNEL_BYTES / threads``, at least 16 columns, and fewer threads run if even 16-column slices
+would not fit (long windows on many cores). On the dask path the kernel runs on one thread per task:
+the scheduler's workers are the parallelism, and ``threads`` is not used.
+
 Units. Δ is reported in optimizer steps: the lag in recorded rows times the store's ``every``
 attribute (1 if absent). Δ/T is unitless, T being the number of recorded rows in the window.
 """
@@ -30,7 +37,8 @@ from corrtools.analysis.correlation import (
     _prepare,
     lagged_pearson,
 )
-from corrtools.analysis.magnitude import Binning, assign_bins, bin_edges, binned_median
+from corrtools.analysis.magnitude import Binning, assign_bins, bin_edges, binned_median, check_bins
+from corrtools.analysis.threads import resolve_threads
 from corrtools.errors import CorrtoolsError, close_matches
 
 __all__ = [
@@ -42,14 +50,22 @@ __all__ = [
     "summarize_by_magnitude",
 ]
 
-# working memory the kernel may use for one slice of columns (FFT buffers, prefix sums, covariances)
-_KERNEL_BYTES = 96 << 20
+# working memory of the kernel slices in flight (FFT buffers, prefix sums, covariances), all threads
+# together: each of t threads gets 1/t of it
+_KERNEL_BYTES = 192 << 20
+# a kernel slice needs about this many bytes per column and step
+_KERNEL_BYTES_PER_VALUE = 40
+# fewest columns in a slice (below this the per-call overhead dominates)
+_MIN_SLICE_COLS = 16
 # default cap on one block read from the store: all steps of some whole chunks of columns
 _BLOCK_BYTES = 512 << 20
 # quantiles of final |w| kept with the results (to shade "removable at density d" in plots)
 _QUANTILES = np.linspace(0.0, 1.0, 201)
-# kernel slices run on this many threads (the machines this targets have 2 cores)
-_THREADS = min(2, os.cpu_count() or 1)
+
+
+# NaN or inf in a weight's trajectory makes its Δ / ρ NaN (undefined), as documented: not a warning
+def _nan_is_an_answer() -> Any:
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")  # a new one per use: thread-safe
 
 
 def _open(ds_or_path: xr.Dataset | str | os.PathLike[str]) -> xr.Dataset:
@@ -151,13 +167,30 @@ def _blocks(cols: np.ndarray, chunk: int, n_steps: int, max_block_bytes: int) ->
         i = j
 
 
-def _kernel_cols(T: int) -> int:
-    """Columns per kernel call so that its buffers stay within ``_KERNEL_BYTES`` (≈ 40 B per step).
+def _slice_plan(T: int, threads: int) -> tuple[int, int]:
+    """(columns per kernel call, threads to run) for series of T steps: the slices in flight stay
+    within ``_KERNEL_BYTES`` together (≈ 40 B per column and step each), so ``threads`` is lowered
+    when even ``_MIN_SLICE_COLS``-column slices would not fit.
 
     Odd-ish multiples of 8: a power-of-two row stride makes the transposing copy thrash the cache.
     """
-    cols = int(max(16, min(4096, _KERNEL_BYTES // (40 * T))))
-    return cols - cols % 8 + 8 if cols % 16 == 0 else cols
+    per_col = _KERNEL_BYTES_PER_VALUE * T
+    cols = int(max(_MIN_SLICE_COLS, min(4096, _KERNEL_BYTES // max(1, int(threads)) // per_col)))
+    if cols % 16 == 0:
+        cols = cols - 8 if cols > _MIN_SLICE_COLS else cols + 8
+    return cols, max(1, min(int(threads), _KERNEL_BYTES // (cols * per_col)))
+
+
+def _map_slices(fn: Any, n: int, k: int, threads: int) -> None:
+    """Call ``fn(start)`` for start = 0, k, 2k, … < n, on ``threads`` threads (numpy and pocketfft
+    release the GIL), each call writing its own part of preallocated outputs."""
+    starts = range(0, n, k)
+    if threads > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
+            list(pool.map(fn, starts))
+    else:
+        for s in starts:
+            fn(s)
 
 
 def _delta_slice(
@@ -167,30 +200,30 @@ def _delta_slice(
     ftype = _fft_dtype(x, dtype)
     if not (x.flags.c_contiguous or x.flags.f_contiguous):
         x = np.ascontiguousarray(x.T).T  # a slice of a (T, N) block: copy its row segments first
-    c = _prepare(x, detrend, ftype)  # (k, T) C-contiguous, de-meaned
-    return _delta_last(c, max_lag, ftype, workers)
+    with _nan_is_an_answer():  # here, in the thread that computes: NaN weights give NaN, no warning
+        c = _prepare(x, detrend, ftype)  # (k, T) C-contiguous, de-meaned
+        d, cens = _delta_last(c, max_lag, ftype, workers)
+    # a NaN or inf anywhere in a series makes its mean, hence every de-meaned value, non-finite:
+    # its Δ is undefined (NaN), not a lag the search ran into by comparing NaNs
+    bad = ~np.isfinite(c[:, 0]) if c.ndim == 2 and c.shape[1] else np.zeros(d.shape, bool)
+    d[bad], cens[bad] = np.nan, False
+    return d, cens
 
 
 def _delta_time_last(
-    x: np.ndarray, max_lag: int, detrend: Detrend, dtype: Any, threads: int = _THREADS
+    x: np.ndarray, max_lag: int, detrend: Detrend, dtype: Any, threads: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Δ (rows) and censored for x (N, T), time last (a transposed view of a (T, N) block is fine),
-    in slices of columns on ``threads`` threads (numpy and pocketfft release the GIL)."""
+    in slices of columns on ``threads`` threads (see ``_slice_plan``)."""
     N = x.shape[0]
-    k = _kernel_cols(x.shape[1])
-    starts = list(range(0, N, k))
+    k, threads = _slice_plan(x.shape[1], threads)
     d = np.empty(N)
     c = np.empty(N, dtype=bool)
 
     def one(s: int) -> None:
         d[s : s + k], c[s : s + k] = _delta_slice(x[s : s + k], max_lag, detrend, dtype, 1)
 
-    if threads > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(one, starts))
-    else:
-        for s in starts:
-            one(s)
+    _map_slices(one, N, k, threads)
     return d, c
 
 
@@ -211,6 +244,7 @@ def delta_per_weight(
     dtype: Any = None,
     progress: bool = True,
     max_block_bytes: int = _BLOCK_BYTES,
+    threads: int | None = None,
 ) -> xr.Dataset:
     """Δ of every selected weight: a Dataset over ``weight`` with ``delta`` (optimizer steps, float64),
     ``delta_over_T``, ``censored`` (bool) and the store's coords (param, index, initial, final).
@@ -219,14 +253,17 @@ def delta_per_weight(
     is in recorded rows (default: half the window). Censored weights carry Δ = max_lag (a lower bound),
     NaN means undefined (a constant window); see ``decorrelation_time``. ``dtype`` is the FFT precision
     (default float32 for the float32 store). ``progress`` shows a tqdm bar on the numpy path.
+    ``threads``: see the module docstring (default all cores this process may use; ignored on the
+    dask path). Peak memory ≈ ``max_block_bytes`` + 192 MiB, whatever ``threads``.
     """
+    n_threads = resolve_threads(threads)
     ds, cols, rows, lag = _analysis_selection(ds_or_path, params, window, detrend, max_lag)
     T_rows = rows.stop - rows.start
     values = ds["values"].isel(step=rows, weight=cols)
     if values.chunks is not None:
         d_rows, cens = _delta_dask(values, lag, detrend, dtype)
     else:
-        d_rows, cens = _delta_numpy(ds, cols, rows, lag, detrend, dtype, progress, max_block_bytes)
+        d_rows, cens = _delta_numpy(ds, cols, rows, lag, detrend, dtype, progress, max_block_bytes, n_threads)
     every = _every(ds)
     out = xr.Dataset(
         {
@@ -270,12 +307,12 @@ def _iter_columns(
 
 def _delta_numpy(
     ds: xr.Dataset, cols: np.ndarray, rows: slice, lag: int, detrend: Detrend, dtype: Any,
-    progress: bool, max_block_bytes: int,
+    progress: bool, max_block_bytes: int, threads: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     d = np.empty(cols.size)
     c = np.empty(cols.size, dtype=bool)
     for off, x in _iter_columns(ds, cols, rows, progress, max_block_bytes, "delta"):
-        d[off : off + x.shape[1]], c[off : off + x.shape[1]] = _delta_time_last(x.T, lag, detrend, dtype)
+        d[off : off + x.shape[1]], c[off : off + x.shape[1]] = _delta_time_last(x.T, lag, detrend, dtype, threads)
         del x  # before the next block is read: one block in memory at a time
     return d, c
 
@@ -304,9 +341,12 @@ def summarize_by_magnitude(
     ci: float = 0.95,
     n_boot: int = 1000,
     seed: int = 0,
+    threads: int | None = None,
 ) -> xr.Dataset:
     """Per-weight Δ (from ``delta_per_weight``) → medians per bin of final |w|, one set of bins per
-    parameter: a Dataset with dims (param, bin); see ``delta_by_magnitude`` for its variables."""
+    parameter: a Dataset with dims (param, bin); see ``delta_by_magnitude`` for its variables.
+    ``threads`` run the bootstrap (default all cores)."""
+    check_bins(bins, binning)
     names = np.asarray(per_weight["param"].values).astype(str)
     params = list(dict.fromkeys(names.tolist()))
     T = int(per_weight.attrs["T"])
@@ -328,11 +368,15 @@ def summarize_by_magnitude(
     delta = np.asarray(per_weight["delta"].values)
     censored = np.asarray(per_weight["censored"].values)
     mag = np.abs(np.asarray(per_weight["final"].values, dtype=np.float64))
+    unanalysed = _unanalysed(names, mag, params)
     for i, p in enumerate(params):
         sel = names == p
+        if p in unanalysed:  # no finite final |w| to bin by: its bins stay empty (NaN), the rest go on
+            continue
         edges = bin_edges(mag[sel], B, binning)
         idx = assign_bins(mag[sel], edges)
-        stats = binned_median(delta[sel], censored[sel], idx, B, ci=ci, n_boot=n_boot, seed=seed + i)
+        stats = binned_median(delta[sel], censored[sel], idx, B, ci=ci, n_boot=n_boot, seed=seed + i,
+                              threads=threads)
         res["edge_low"][i], res["edge_high"][i] = edges[:-1], edges[1:]
         finite = mag[sel][np.isfinite(mag[sel])]
         res["magnitude_quantile"][i] = np.quantile(finite, _QUANTILES)
@@ -367,7 +411,17 @@ def summarize_by_magnitude(
     for name in ("median_delta", "ci_low", "ci_high"):
         short = name.replace("median_delta", "median")
         out[f"{short}_over_T"] = out[name] * scale
-    out.attrs = {**per_weight.attrs, "bins": B, "binning": binning, "ci": ci, "n_boot": n_boot, "seed": seed}
+    out.attrs = {**per_weight.attrs, "bins": B, "binning": binning, "ci": ci, "n_boot": n_boot, "seed": seed,
+                 "unanalysed": unanalysed}
+    return out
+
+
+def _unanalysed(names: np.ndarray, mag: np.ndarray, params: list[str]) -> list[str]:
+    """The params none of whose weights has a finite final value (e.g. a layer that became NaN);
+    a CorrtoolsError when that is all of them (e.g. a store still recording has no final values)."""
+    out = [p for p in params if not np.isfinite(mag[names == p]).any()]
+    if out and len(out) == len(params):
+        raise CorrtoolsError("no finite magnitudes to bin; the run's final values are missing (NaN).")
     return out
 
 
@@ -386,6 +440,7 @@ def delta_by_magnitude(
     dtype: Any = None,
     progress: bool = True,
     max_block_bytes: int = _BLOCK_BYTES,
+    threads: int | None = None,
 ) -> xr.Dataset:
     """Median Δ per bin of final |w|, per parameter (the paper's Figure 1 as numbers).
 
@@ -396,13 +451,17 @@ def delta_by_magnitude(
     ``median_censored`` (≥ half censored: the median is then max_lag, a lower bound), and
     ``magnitude_quantile`` (param, quantile): quantiles of final |w| in steps of 0.5 %. Attrs record T,
     window, max_lag, detrend, binning. For per-weight Δ use ``delta_per_weight``; this function is
-    ``summarize_by_magnitude(delta_per_weight(...))``.
+    ``summarize_by_magnitude(delta_per_weight(...))``. ``threads`` (default: the cores this process
+    may use) run the kernel and the bootstrap; the results do not depend on it.
     """
+    check_bins(bins, binning)  # before the work
+    n_threads = resolve_threads(threads)
     per_weight = delta_per_weight(
         ds_or_path, params, window=window, max_lag=max_lag, detrend=detrend, dtype=dtype,
-        progress=progress, max_block_bytes=max_block_bytes,
+        progress=progress, max_block_bytes=max_block_bytes, threads=n_threads,
     )
-    return summarize_by_magnitude(per_weight, bins=bins, binning=binning, ci=ci, n_boot=n_boot, seed=seed)
+    return summarize_by_magnitude(per_weight, bins=bins, binning=binning, ci=ci, n_boot=n_boot, seed=seed,
+                                  threads=n_threads)
 
 
 def rho_by_magnitude(
@@ -417,23 +476,32 @@ def rho_by_magnitude(
     detrend: Detrend = "none",
     progress: bool = True,
     max_block_bytes: int = _BLOCK_BYTES,
+    threads: int | None = None,
 ) -> xr.Dataset:
     """ρ(τ) per bin of final |w|: median and quartiles over the bin's weights at ~``n_lags``
-    log-spaced lags 1..max_lag (recorded rows; default half the window).
+    log-spaced lags 1..max_lag (recorded rows; default half the window), on ``threads`` threads.
 
     Returns a Dataset with dims (param, bin, lag): ``rho_median``, ``rho_q25``, ``rho_q75`` (NaN-aware),
     ``n_weights`` (param, bin), ``edge_low``/``edge_high`` (param, bin), coords ``lag`` (rows) and ``lag_steps``.
     """
+    check_bins(bins, binning)
+    if isinstance(n_lags, bool) or not isinstance(n_lags, (int, np.integer)) or n_lags < 1:
+        raise CorrtoolsError(f"n_lags={n_lags!r} must be a positive integer, e.g. 48.")
+    n_threads = resolve_threads(threads)
     ds, cols, rows, lag = _analysis_selection(ds_or_path, params, window, detrend, max_lag)
     T_rows = rows.stop - rows.start
     lags = np.unique(np.round(np.geomspace(1, lag, max(2, int(n_lags)))).astype(np.int64))
     rho = np.empty((lags.size, cols.size), dtype=np.float32)
+    k, n_threads = _slice_plan(T_rows, n_threads)
     for off, x in _iter_columns(ds, cols, rows, progress, max_block_bytes, "rho"):
-        k = _kernel_cols(T_rows)
-        for s in range(0, x.shape[1], k):
+
+        def one(s: int) -> None:  # x and off are this block's
             sub = np.ascontiguousarray(x[:, s : s + k])
-            rho[:, off + s : off + s + sub.shape[1]] = lagged_pearson(sub, lags, detrend=detrend)
-        del x, sub  # before the next block is read
+            with _nan_is_an_answer():
+                rho[:, off + s : off + s + sub.shape[1]] = lagged_pearson(sub, lags, detrend=detrend, threads=1)
+
+        _map_slices(one, x.shape[1], k, n_threads)
+        del x  # before the next block is read
     names = np.asarray(ds["param"].values).astype(str)[cols]
     mag = np.abs(np.asarray(ds["final"].values, dtype=np.float64)[cols])
     pnames = list(dict.fromkeys(names.tolist()))
@@ -441,8 +509,11 @@ def rho_by_magnitude(
     stats = np.full((3, len(pnames), B, lags.size), np.nan)
     count = np.zeros((len(pnames), B), dtype=np.int64)
     edges = np.full((len(pnames), B + 1), np.nan)
+    unanalysed = _unanalysed(names, mag, pnames)
     for i, p in enumerate(pnames):
         sel = names == p
+        if p in unanalysed:  # no finite final |w|: its bins stay empty, the other params go on
+            continue
         edges[i] = bin_edges(mag[sel], B, binning)
         idx = assign_bins(mag[sel], edges[i])
         r = rho[:, sel]
@@ -466,7 +537,7 @@ def rho_by_magnitude(
         },
         coords={"param": pnames, "bin": np.arange(B), "lag": lags, "lag_steps": ("lag", lags * every)},
         attrs={"T": T_rows, "every": every, "max_lag": lag, "window": [float(window[0]), float(window[1])],
-               "detrend": detrend, "binning": binning},
+               "detrend": detrend, "binning": binning, "unanalysed": unanalysed},
     )
 
 

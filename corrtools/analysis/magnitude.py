@@ -9,7 +9,6 @@ e.g. a weight that never moved) are left out of the median and counted as ``unde
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -17,16 +16,25 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from corrtools.analysis.threads import resolve_threads
 from corrtools.errors import CorrtoolsError
 
-__all__ = ["BINNINGS", "Binning", "BinStats", "bin_edges", "assign_bins", "binned_median"]
+__all__ = ["BINNINGS", "Binning", "BinStats", "bin_edges", "assign_bins", "binned_median", "check_bins"]
 
 Binning = Literal["quantile", "log", "linear"]
 BINNINGS: tuple[str, ...] = ("quantile", "log", "linear")
 
-# bootstrap resamples are drawn this many values at a time, to bound memory (8 bytes each)
-_BOOT_BATCH_VALUES = 1 << 22
-_THREADS = min(2, os.cpu_count() or 1)
+# bootstrap resamples are drawn this many values at a time, all threads together, to bound memory
+# (int32 indices, and as much again for their partition: 8 bytes each)
+_BOOT_BATCH_VALUES = 1 << 23
+
+
+def check_bins(bins: int, binning: str = "quantile") -> None:
+    """CorrtoolsError unless ``bins`` is a positive integer and ``binning`` a known rule."""
+    if binning not in BINNINGS:
+        raise CorrtoolsError(f"binning={binning!r} is unknown; use one of {', '.join(map(repr, BINNINGS))}.")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise CorrtoolsError(f"bins={bins!r} must be a positive integer, e.g. 10.")
 
 
 def bin_edges(magnitude: ArrayLike, bins: int = 10, binning: Binning = "quantile") -> NDArray[np.float64]:
@@ -35,10 +43,7 @@ def bin_edges(magnitude: ArrayLike, bins: int = 10, binning: Binning = "quantile
     ``"quantile"``: equal counts per bin; ``"log"``: equal ratios between the smallest positive and the
     largest magnitude (exact zeros fall in the first bin); ``"linear"``: equal widths.
     """
-    if binning not in BINNINGS:
-        raise CorrtoolsError(f"binning={binning!r} is unknown; use one of {', '.join(map(repr, BINNINGS))}.")
-    if int(bins) < 1:
-        raise CorrtoolsError(f"bins={bins} must be a positive integer.")
+    check_bins(bins, binning)
     m = np.asarray(magnitude, dtype=np.float64).reshape(-1)
     m = m[np.isfinite(m)]
     if m.size == 0:
@@ -83,12 +88,15 @@ class BinStats:
     median_censored: NDArray[np.bool_]  # ≥ half censored: the median is a lower bound
 
 
-def _bootstrap_median(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot,) medians of resamples (with replacement) of values (n,), in bounded batches."""
+def _bootstrap_median(
+    values: np.ndarray, n_boot: int, rng: np.random.Generator, batch_values: int = _BOOT_BATCH_VALUES
+) -> np.ndarray:
+    """(n_boot,) medians of resamples (with replacement) of values (n,), in batches of about
+    ``batch_values`` drawn indices."""
     n = values.size
     srt = np.sort(values)
     out = np.empty(n_boot)
-    batch = max(1, _BOOT_BATCH_VALUES // n)
+    batch = max(1, batch_values // n)
     for start in range(0, n_boot, batch):
         k = min(batch, n_boot - start)
         # the median of a resample of sorted values is the value at the median resampled index
@@ -108,12 +116,14 @@ def binned_median(
     ci: float = 0.95,
     n_boot: int = 1000,
     seed: int = 0,
+    threads: int | None = None,
 ) -> BinStats:
     """Median Δ per bin with a percentile-bootstrap interval at level ``ci``; see the module docstring.
 
     delta (N,) with censored entries at max_lag, censored (N,) bool, bin_index (N,) from
     ``assign_bins`` (-1 is ignored). Empty bins give NaN. Seeded, with one random stream per bin
-(``SeedSequence(seed).spawn``): the same inputs give the same CI.
+    (``SeedSequence(seed).spawn``): the same inputs give the same CI, whatever ``threads`` (bins
+    are bootstrapped in parallel, default all cores; the batch memory is split among them).
 
     >>> import numpy as np
     >>> s = binned_median([1.0, 2.0, 3.0, 10.0, 10.0, 10.0], [0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], 2)
@@ -124,6 +134,7 @@ def binned_median(
         raise CorrtoolsError(f"ci={ci} must lie strictly between 0 and 1, e.g. 0.95.")
     if int(n_boot) < 1:
         raise CorrtoolsError(f"n_boot={n_boot} must be a positive integer.")
+    n_threads = resolve_threads(threads)
     d = np.asarray(delta, dtype=np.float64).reshape(-1)
     c = np.asarray(censored, dtype=bool).reshape(-1)
     b = np.asarray(bin_index, dtype=np.int64).reshape(-1)
@@ -152,8 +163,13 @@ def binned_median(
     def interval(job: tuple[int, np.ndarray]) -> None:
         k, vals = job
         rng = np.random.default_rng(streams[k])
-        lo[k], hi[k] = np.quantile(_bootstrap_median(vals, int(n_boot), rng), q)
+        boot = _bootstrap_median(vals, int(n_boot), rng, _BOOT_BATCH_VALUES // n_threads)
+        lo[k], hi[k] = np.quantile(boot, q)
 
-    with ThreadPoolExecutor(max_workers=_THREADS) as pool:  # numpy releases the GIL in the heavy parts
-        list(pool.map(interval, jobs))
+    if n_threads > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:  # numpy releases the GIL in the heavy parts
+            list(pool.map(interval, jobs))
+    else:
+        for job in jobs:
+            interval(job)
     return BinStats(count, undefined, cfrac, med, lo, hi, med_cens)

@@ -121,6 +121,9 @@ def plot_delta(
             top = max(top, ceiling * 1.08)
         if ok.any():
             ax.set_xlim(float(np.min(x[ok])) / 1.6, float(np.max(x[ok])) * 1.6)
+        else:  # nothing to draw (e.g. a layer with NaN weights): a log axis still needs positive limits
+            ax.set_xlim(1e-3, 1.0)
+            ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center", va="center")
         _log_x_axis(ax)
         if thresholds is not None:
             thr = float(thresholds.values[i])
@@ -174,6 +177,8 @@ def plot_rho(res: xr.Dataset, path: str | os.PathLike[str] | None = None, *, tit
             ax.plot(lag, r["rho_median"].values, color=color, lw=1.2, label=f"|w| {lo_e:.2g}–{hi_e:.2g}")
             ax.fill_between(lag, r["rho_q25"].values, r["rho_q75"].values, color=color, alpha=0.15, lw=0)
         ax.axhline(0.0, color="0.4", lw=0.8)
+        if lag.size:  # set explicitly: with all-NaN curves (a constant layer) autoscaling gives 0..1
+            ax.set_xlim(float(lag.min()) / 1.2, float(lag.max()) * 1.2)
         _log_x_axis(ax)
         ax.set_ylim(-1.05, 1.05)
         ax.set_title(name, fontsize=9)

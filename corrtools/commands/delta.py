@@ -1,7 +1,7 @@
 """``corrtools delta``: the paper's Figure 1 from a run store, and the table it plots.
 
     corrtools delta run.zarr [-o delta.png] [--param NAME ...] [--bins 10] [--density 0.5]
-                             [--window 0.5:1] [--detrend linear] [--csv out.csv | --json]
+                             [--window 0.5:1] [--detrend linear] [--threads N] [--csv out.csv | --json]
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from corrtools.errors import CorrtoolsError
 
-__all__ = ["add_parser", "run", "parse_window", "add_analysis_arguments"]
+__all__ = ["add_parser", "run", "parse_window", "add_analysis_arguments", "check_analysis_arguments"]
 
 
 def parse_window(text: str) -> tuple[float, float]:
@@ -31,6 +31,22 @@ def parse_window(text: str) -> tuple[float, float]:
     return a, b
 
 
+def check_analysis_arguments(args: argparse.Namespace) -> tuple[float, float]:
+    """Checks shared by ``delta`` and ``rho``, before any work: the window (returned), --bins,
+    --max-lag and the figure file -o."""
+    from corrtools.analysis.plot import check_figure_path
+    from corrtools.commands.outputs import check_output_file
+
+    window = parse_window(args.window)
+    if args.bins < 1:
+        raise CorrtoolsError(f"--bins {args.bins} must be a positive number of bins, e.g. --bins 10")
+    if args.max_lag is not None and args.max_lag < 1:
+        raise CorrtoolsError(f"--max-lag {args.max_lag} must be a positive number of recorded steps")
+    check_output_file(args.output, "-o")
+    check_figure_path(args.output)
+    return window
+
+
 def add_analysis_arguments(p: argparse.ArgumentParser, bins: int) -> None:
     """Options shared by ``delta`` and ``rho``."""
     p.add_argument("store", help="run store written by corrtools.Recorder (a .zarr folder)")
@@ -45,6 +61,8 @@ def add_analysis_arguments(p: argparse.ArgumentParser, bins: int) -> None:
                    help="remove a linear trend or analyse increments first (default none)")
     p.add_argument("--max-lag", type=int, default=None, metavar="ROWS",
                    help="largest lag searched, in recorded steps (default half the window)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for the analysis (default: every core this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -70,18 +88,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from corrtools.analysis.delta import delta_by_magnitude, save_delta
-    from corrtools.analysis.plot import check_density, check_figure_path, format_table, plot_delta, table_rows
+    from corrtools.analysis.plot import check_density, format_table, plot_delta, table_rows
+    from corrtools.commands.outputs import check_output_file, check_writable_folder
 
-    window = parse_window(args.window)
-    check_figure_path(args.output)  # fail before the work, not after
+    window = check_analysis_arguments(args)  # every output is checked before the work, not after
     check_density(args.density)
-    if args.csv and not Path(args.csv).resolve().parent.exists():
-        raise CorrtoolsError(f"the folder for --csv {args.csv!r} does not exist; create it first")
+    if not 0.0 < args.ci < 1.0:
+        raise CorrtoolsError(f"--ci {args.ci} must lie in (0, 1), e.g. 0.95")
+    if args.csv:
+        check_output_file(args.csv, "--csv")
+    if args.save and Path(args.store).is_dir():
+        check_writable_folder(args.store, f"--save into {args.store!r}")
     res = delta_by_magnitude(
         args.store, params=args.param, bins=args.bins, binning=args.binning, window=window,
         max_lag=args.max_lag, detrend=args.detrend, ci=args.ci, progress=not args.no_progress,
+        threads=args.threads,
     )
     plot_delta(res, args.output, density=args.density)
+    for name in res.attrs.get("unanalysed", []):
+        print(f"# note: {name} has no finite final values (NaN weights); its bins are empty", file=sys.stderr)
     if args.save:
         save_delta(args.store, res)
     rows = table_rows(res)

@@ -22,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="record the built-in training run and draw its Δ plot",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--out", type=Path, default=Path("runs/demo.zarr"),
-                   help="run store to write (default: runs/demo.zarr)")
+                   help="run store to write (default: runs/demo.zarr); must not exist unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run store at --out (never anything that is not a run store)")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"optimizer steps (default {DEMO_STEPS})")
     p.add_argument("--sample", type=int, default=DEMO_SAMPLE,
                    help=f"weights recorded per weight matrix (default {DEMO_SAMPLE})")
@@ -43,19 +45,23 @@ def run(args: argparse.Namespace) -> int:
 
     from corrtools.analysis import delta_by_magnitude
     from corrtools.analysis.plot import check_density, check_figure_path, format_table, plot_delta
+    from corrtools.commands.outputs import check_output_file, make_folder
+    from corrtools.record.store import check_new_store
     from corrtools.record.recorder import Recorder
     from corrtools.workloads import CharLMConfig, CharLMWorkload
 
     plot_path = args.plot or args.out.with_name(args.out.stem + "_delta.png")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot_path.parent.mkdir(parents=True, exist_ok=True)
-    check_figure_path(plot_path)  # fail on a bad path or density before training, not after
+    check_new_store(args.out, overwrite=args.overwrite)  # fail on bad paths or density before training, not after
     check_density(args.density)
+    for folder in (args.out.parent, plot_path.parent):
+        make_folder(folder)
+    check_output_file(plot_path, "--plot")
+    check_figure_path(plot_path)
     cfg = CharLMConfig(steps=args.steps, seed=args.seed)
     wl = CharLMWorkload(cfg)
     start = time.perf_counter()
     with Recorder(wl.model, args.out, sample=args.sample, every=args.every, params=args.param,
-                  seed=args.seed, overwrite=True).attach(wl.optimizer) as rec:
+                  seed=args.seed, overwrite=args.overwrite).attach(wl.optimizer) as rec:
         bar = tqdm(range(cfg.steps), desc="training", unit="step", disable=args.no_progress)
         for _ in bar:
             loss = wl.train_step()

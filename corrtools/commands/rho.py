@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corrtools.commands.delta import add_analysis_arguments, parse_window
+from corrtools.commands.delta import add_analysis_arguments, check_analysis_arguments
+from corrtools.errors import CorrtoolsError
 
 __all__ = ["add_parser", "run"]
 
@@ -27,15 +28,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from corrtools.analysis.delta import rho_by_magnitude
-    from corrtools.analysis.plot import check_figure_path, plot_rho
+    from corrtools.analysis.plot import plot_rho
 
-    window = parse_window(args.window)
-    check_figure_path(args.output)
+    window = check_analysis_arguments(args)  # every output is checked before the work, not after
+    if args.lags < 1:
+        raise CorrtoolsError(f"--lags {args.lags} must be a positive number of lags, e.g. --lags 48")
     res = rho_by_magnitude(
         args.store, params=args.param, bins=args.bins, binning=args.binning, window=window,
         max_lag=args.max_lag, n_lags=args.lags, detrend=args.detrend, progress=not args.no_progress,
+        threads=args.threads,
     )
     plot_rho(res, args.output)
+    for name in res.attrs.get("unanalysed", []):
+        print(f"# note: {name} has no finite final values (NaN weights); its bins are empty", file=sys.stderr)
     print(f"# ρ(τ) median per bin of final |w| (T={res.attrs['T']}); figure: {args.output}")
     lags = res["lag_steps"].values
     show = sorted({0, len(lags) // 4, len(lags) // 2, 3 * len(lags) // 4, len(lags) - 1})

@@ -8,6 +8,13 @@ background thread that writes them with `RunWriter.write_block`, so training wai
 and disk only when the writer falls more than the queue behind. Memory is a fixed ring of blocks,
 independent of run length. Nothing is written per step.
 
+Loss window. A block reaches disk when it is full, and in any case once ``flush_every`` seconds
+(default 30) have passed since the last write: the next row taken after that moment first hands
+the rows collected so far to the writer. A run killed at any moment therefore keeps every row taken
+more than ``flush_every`` seconds (plus the writer's queue) before the kill, as long as training was
+taking rows; a partial write never breaks the commit order (``step`` grows last), and the rest of
+that chunk is written through zarr when the block is full.
+
 Steps. ``rec.step`` counts optimizer steps (1 after the first ``optimizer.step()``); a row is taken
 after every step that is a multiple of ``every``. ``initial`` holds the values at construction
 (step 0), ``final`` the values at ``close()``.
@@ -26,6 +33,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -37,11 +45,19 @@ from torch import nn
 
 from corrtools.errors import CorrtoolsError
 from corrtools.record.sampling import RUN, ParamFilter, SampleSpec, plan_samples
-from corrtools.record.store import PathLike, RunWriter, default_chunks, open_run
+from corrtools.record.store import (
+    PathLike,
+    RunWriter,
+    check_chunking,
+    check_compressor,
+    default_chunks,
+    open_run,
+)
 
 __all__ = ["Recorder"]
 
 _BLOCK_BYTES = 16 << 20  # cap on one host block (chunk_steps x weights x 4 bytes)
+FLUSH_EVERY = 30.0  # seconds: the default bound on how long a taken row may stay in memory only
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,10 +71,11 @@ class _Block:
     loss_n: np.ndarray          # (chunk_steps,) int64
     lr: np.ndarray              # (chunk_steps,) float64
     k: int = 0                  # rows filled
+    flushed: int = 0            # rows [0, flushed) already handed to the writer
     event: Any = None           # CUDA event after the last copy into this block
 
     def reset(self) -> None:
-        self.k, self.event = 0, None
+        self.k, self.flushed, self.event = 0, 0, None
         self.loss_sum[:] = 0.0
         self.loss_n[:] = 0
         self.lr[:] = np.nan
@@ -134,7 +151,10 @@ class Recorder:
     replaces it. ``chunk_steps`` sets the rows per written block (default: ~4 MiB chunks, blocks of
     at most 16 MiB). ``compressor``: "auto" (lz4 when the recorded parameters are on an
     accelerator, none when on the CPU, where a codec would compete with training for cores),
-    "lz4", "zstd" or "none". Use `attach` for loops with a torch optimizer, `record` otherwise.
+    "lz4", "zstd" or "none"; a crc32c checksum is always added. ``flush_every``: seconds after
+    which rows are written even if their block is not full (default 30; None: only full blocks),
+    bounding what a killed run loses. Every argument is checked before anything is written. Use
+    `attach` for loops with a torch optimizer, `record` otherwise.
 
     >>> import torch, tempfile, os
     >>> from corrtools import Recorder, open_run
@@ -152,6 +172,7 @@ class Recorder:
     """
 
     _stage_on_cpu = False  # tests set it to run the device-buffer path on CPU
+    _checksum = True  # benchmarks/recorder_overhead.py --checksum-cost turns it off to measure it
 
     def __init__(
         self,
@@ -168,20 +189,34 @@ class Recorder:
         chunk_steps: int | None = None,
         queue_blocks: int = 2,
         compressor: str = "auto",
+        flush_every: float | None = FLUSH_EVERY,
         layout: str = "runs",
     ) -> None:
+        # every argument is checked here, before the store is touched
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise CorrtoolsError(f"every={every!r} must be a positive int (record every k-th step)")
         if resume and overwrite:
             raise CorrtoolsError("resume=True and overwrite=True exclude each other; pass one of them")
-        if queue_blocks < 1:
-            raise CorrtoolsError(f"queue_blocks={queue_blocks} must be at least 1")
+        if isinstance(queue_blocks, bool) or not isinstance(queue_blocks, int) or queue_blocks < 1:
+            raise CorrtoolsError(f"queue_blocks={queue_blocks!r} must be an int of at least 1")
+        check_chunking(chunk_steps)
+        if compressor != "auto":
+            check_compressor(compressor)
+        if flush_every is not None and (isinstance(flush_every, bool) or not isinstance(flush_every, (int, float))
+                                        or not flush_every > 0):
+            raise CorrtoolsError(f"flush_every={flush_every!r} must be a positive number of seconds or None")
+        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
+            raise CorrtoolsError(f"start_step={start_step!r} must be a non-negative int (an optimizer step count)")
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise CorrtoolsError(f"path={path!r} must be a file-system path such as 'runs/run.zarr'")
         self.path = Path(path)
         self.every = every
         self._queue_blocks = queue_blocks
+        self._flush_every = None if flush_every is None else float(flush_every)
         self.model = model
         self.plan = plan_samples(model, sample, params, seed, layout)
         self.layout = layout
+        self._check_devices()
         self._groups = self._device_groups()
         names, index = self.plan.columns()
         self.n_weights = len(index)
@@ -213,6 +248,7 @@ class Recorder:
             self._writer = RunWriter.create(
                 self.path, param=names, index=index, initial=self._gather_final(), attrs=attrs,
                 chunk_steps=chunk_steps, overwrite=overwrite, compressor=self._resolve_compressor(compressor),
+                checksum=self._checksum,
             )
         try:
             if resume:
@@ -242,6 +278,7 @@ class Recorder:
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=queue_blocks)
         self._current: _Block | None = None
         self._current_prev = self._last_row_step
+        self._flushed_at = time.monotonic()
         self._thread = threading.Thread(target=self._write_loop, name=f"corrtools-writer:{self.path.name}", daemon=True)
         self._thread.start()
 
@@ -307,7 +344,7 @@ class Recorder:
         cur = self._current
         if cur is not None and cur.k and s <= cur.steps[cur.k - 1]:
             first = int(np.searchsorted(cur.steps[: cur.k], s))  # the row covering step s
-            if first == 0 and s <= self._current_prev:
+            if (first == 0 and s <= self._current_prev) or first < cur.flushed:
                 raise self._too_late(s)
             cur.loss_sum[first] += float(loss)
             cur.loss_n[first] += 1
@@ -349,6 +386,9 @@ class Recorder:
 
     def _take_row(self, step: int, lr: float) -> None:
         cur = self._current
+        if (self._flush_every is not None and cur is not None and cur.k > cur.flushed
+                and time.monotonic() - self._flushed_at >= self._flush_every):
+            self._flush(cur)  # the rows taken so far: every `log` for them has been made
         if cur is not None and cur.k == self.chunk_steps:
             # a full block is handed over only when the next row needs room, so that `log` can
             # still reach the block's last row
@@ -397,12 +437,25 @@ class Recorder:
                 if not self._thread.is_alive():  # pragma: no cover - the writer catches everything
                     raise RuntimeError(f"corrtools Recorder: the writer thread of {self.path} stopped") from self._error
 
+    def _event(self) -> Any:
+        """A CUDA event after the copies queued so far (None without CUDA parameters)."""
+        if not any(g.device.type == "cuda" for g in self._groups):
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
     def _submit(self, block: _Block) -> None:
-        if any(g.device.type == "cuda" for g in self._groups):
-            block.event = torch.cuda.Event()
-            block.event.record()
+        block.event = self._event()
         self._send("block", block)
         self._current = None
+        self._flushed_at = time.monotonic()
+
+    def _flush(self, block: _Block) -> None:
+        """Hand rows [flushed, k) of the block being filled to the writer; the block stays current."""
+        self._send("rows", (block, block.flushed, block.k, self._event()))
+        block.flushed = block.k
+        self._flushed_at = time.monotonic()
 
     def _send(self, kind: str, payload: Any) -> None:
         self._queue.put((kind, payload))
@@ -420,8 +473,10 @@ class Recorder:
                     continue  # after a failure, drain without writing
                 if kind == "attrs":
                     self._writer.update_attrs(**payload)
+                elif kind == "rows":
+                    self._write_block(*payload)
                 else:
-                    self._write_block(payload)
+                    self._write_block(payload, payload.flushed, payload.k, payload.event)
             except BaseException as err:  # surfaced by the training thread at its next call
                 self._error = err
             finally:
@@ -436,19 +491,22 @@ class Recorder:
         self._queue.join()
         self._raise_if_failed()
 
-    def _write_block(self, block: _Block) -> None:
-        if block.event is not None:
-            block.event.synchronize()
-        k = block.k
+    def _write_block(self, block: _Block, lo: int, hi: int, event: Any) -> None:
+        """Write rows [lo, hi) of the block (the training thread no longer changes them)."""
+        if event is not None:
+            event.synchronize()
+        if hi <= lo:
+            return
+        rows = slice(lo, hi)
         optional: dict[str, np.ndarray] = {}
-        if not np.isnan(block.lr[:k]).all():
-            optional["lr"] = block.lr[:k].copy()
-        n = block.loss_n[:k]
+        if not np.isnan(block.lr[rows]).all():
+            optional["lr"] = block.lr[rows].copy()
+        n = block.loss_n[rows]
         if self._loss_seen or n.any():
             self._loss_seen = True
             with np.errstate(invalid="ignore", divide="ignore"):
-                optional["loss"] = np.where(n > 0, block.loss_sum[:k] / np.maximum(n, 1), np.nan).astype(np.float32)
-        self._writer.write_block(block.steps[:k], block.values[:k], optional)
+                optional["loss"] = np.where(n > 0, block.loss_sum[rows] / np.maximum(n, 1), np.nan).astype(np.float32)
+        self._writer.write_block(block.steps[rows], block.values[rows], optional)
 
     # ------------------------------------------------------------------------ lifecycle
     def _shutdown(self, complete: bool, raise_errors: bool = True) -> None:
@@ -490,6 +548,15 @@ class Recorder:
                     _gather(p, idx, run, piece)
                     out[a:b] = piece.cpu()
         return out.numpy()
+
+    def _check_devices(self) -> None:
+        by_name = dict(self.model.named_parameters())
+        meta = [s.name for s in self.plan.samples if by_name[s.name].device.type == "meta"]
+        if meta:
+            raise CorrtoolsError(
+                f"parameter {meta[0]!r} is on the meta device (it has no values yet); materialise the "
+                "model (e.g. model.to_empty(device='cpu') and initialise it) before recording"
+            )
 
     def _device_groups(self) -> list[_DeviceGroup]:
         by_name = dict(self.model.named_parameters())

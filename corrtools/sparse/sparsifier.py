@@ -47,6 +47,20 @@ class LayerReport:
     rewired_total: int  # weights that joined p, summed over all rewirings so far
 
 
+# Consecutive step() calls without an optimizer step before a warning (GradScaler skips a few).
+_SKIPS_BEFORE_WARNING = 25
+
+
+class _StepFlag:
+    """An optimizer step post-hook that records that the optimizer stepped (picklable)."""
+
+    def __init__(self) -> None:
+        self.stepped = False
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.stepped = True
+
+
 @dataclass
 class _Layer:
     module: nn.Module
@@ -69,8 +83,14 @@ class Sparsifier:
     otherwise. ``structure``: ``"unstructured"``, ``"2:4"`` (any ``"n:m"``), ``"2:4-2d"`` or
     ``"block:b"``. ``rewire_every`` (r): optimizer steps between mask recomputations from |w|.
     ``grad_scale`` (s). ``exploit``: ``Fix``, ``Reset``, ``Regularize`` or ``None`` (NO EXPLOIT).
-    ``total_steps``: planned optimizer steps (needed by ``Fix``). ``optimizer`` is only touched by
-    ``Reset(reset_optimizer_state=True)``; any optimizer works.
+    ``total_steps``: planned optimizer steps (needed by ``Fix``). ``optimizer``: any optimizer; a
+    step hook on it tells the steps it really took (``step()`` after a step that
+    ``torch.amp.GradScaler`` skipped does nothing), and ``Reset(reset_optimizer_state=True)`` resets
+    its first moments. With ``optimizer=None`` every ``step()`` counts.
+
+    Order within a step, as Algorithm 1: the forward pass uses the current masks (p, n); after
+    ``optimizer.step()``, ``sp.step()`` applies FIX / RESET / REGULARIZE to that n, then recomputes
+    the masks for the next step. The masks built in ``__init__`` are step 1's.
 
     Layers: the weights of ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` modules. Left dense by
     default: embeddings (not Linear/Conv), the output projection -- taken to be the last
@@ -121,6 +141,9 @@ class Sparsifier:
             else None
         )
         self._layers: dict[str, _Layer] = {}
+        self._step_flag: _StepFlag | None = None
+        self._step_hook: Any = None
+        self._skipped_in_a_row = 0
         selected = _select_layers(model, self._structure, include, exclude)
         misfits: list[str] = []
         prepared: list[tuple[str, nn.Module, Tensor]] = []
@@ -151,18 +174,52 @@ class Sparsifier:
                 f"No layer of the model can be sparsified with structure {self._structure}; "
                 "name the layers to use with include=[...]."
             )
+        if optimizer is not None:  # to tell the steps GradScaler skipped (the optimizer did not step)
+            self._step_flag = _StepFlag()
+            self._step_hook = optimizer.register_step_post_hook(self._step_flag)
 
     # ----------------------------------------------------------------- the training step
     @torch.no_grad()
     def step(self) -> None:
-        """Call after ``optimizer.step()``: rewire every r steps (until FIX), then exploit n."""
+        """Call after ``optimizer.step()``: exploit this step's n, then rewire for the next step.
+
+        Algorithm 1's order: the masks in place now are the p and n that entered this step's
+        forward pass; FIX / RESET / REGULARIZE act on that n after the optimizer update, and only
+        then are the masks recomputed from |w| (every r steps, until FIX) for the next step's
+        forward. When an optimizer was given and it did not step since the last call (for example
+        ``torch.amp.GradScaler`` skipped it for inf/NaN gradients), the call does nothing: the step
+        count does not advance and nothing is exploited or rewired.
+        """
         self._check_live()
+        if not self._optimizer_stepped():
+            return
         self._step += 1
         t = self._step
-        exploit = self.config.exploit
-        frozen = self._fix_step is not None and t > self._fix_step
-        if not frozen and t % self.config.rewire_every == 0:
+        self._exploit(t)
+        if t % self.config.rewire_every == 0 and (self._fix_step is None or t < self._fix_step):
             self._rewire()
+
+    def _optimizer_stepped(self) -> bool:
+        """Whether the optimizer stepped since the last call (always True without an optimizer)."""
+        flag = self._step_flag
+        if flag is None:
+            return True
+        if flag.stepped:
+            flag.stepped = False
+            self._skipped_in_a_row = 0
+            return True
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row == _SKIPS_BEFORE_WARNING:
+            warnings.warn(
+                f"Sparsifier.step() was called {_SKIPS_BEFORE_WARNING} times in a row without a "
+                "step of the optimizer passed to the Sparsifier, so it did nothing; pass the optimizer "
+                "that actually steps (or optimizer=None to count every call).",
+                stacklevel=3,
+            )
+        return False
+
+    def _exploit(self, t: int) -> None:
+        exploit = self.config.exploit
         if isinstance(exploit, Fix):
             if t >= self._fix_step:  # type: ignore[operator]
                 for layer in self._layers.values():
@@ -178,6 +235,15 @@ class Sparsifier:
         elif isinstance(exploit, Regularize):
             for layer in self._layers.values():
                 decay_nonparticipating_(layer.weight, layer.mask, exploit.beta)
+
+    @torch.no_grad()
+    def rewire(self) -> None:
+        """Recompute every mask from the current |w| now (what ``step()`` does every r steps).
+
+        Counts in :meth:`density_report` as a rewiring; does not advance the step count.
+        """
+        self._check_live()
+        self._rewire()
 
     def _rewire(self) -> None:
         layers = self._layers
@@ -261,6 +327,8 @@ class Sparsifier:
         self._check_live()
         for layer in self._layers.values():
             unmask_module_(layer.module, apply=True)
+        if self._step_hook is not None:
+            self._step_hook.remove()
         self._finalized = True
 
     def _check_live(self) -> None:

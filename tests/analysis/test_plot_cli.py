@@ -118,7 +118,8 @@ def test_cli_rho(run_store, tmp_path, monkeypatch, capsys) -> None:
 
 def test_benchmark_quick_mode_runs_and_parses() -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "analysis_throughput.py"), "--quick"],
+        [sys.executable, str(ROOT / "benchmarks" / "analysis_throughput.py"), "--quick", "--threads", "1,2",
+         "--rounds", "1"],
         capture_output=True, text=True, timeout=120, check=True,
     )
     lines = proc.stdout.strip().splitlines()
@@ -127,3 +128,6 @@ def test_benchmark_quick_mode_runs_and_parses() -> None:
     assert result["weight_steps_per_s"] > 0 and result["naive_weight_steps_per_s"] > 0
     assert result["peak_rss_bytes"] > 0
     assert result["max_abs_delta_diff"] < 1e-2  # the naive loop finds the same Δ
+    assert set(result["by_threads"]) == {"1", "2"}
+    assert all(r["weight_steps_per_s"] > 0 and r["peak_rss_bytes"] > 0 for r in result["by_threads"].values())
+    assert sum(line.lstrip().startswith("threads=") for line in lines) == 2

@@ -416,8 +416,8 @@ def test_auto_compressor_is_none_for_cpu_parameters_and_explicit_choice_wins(tmp
 
     Recorder(model, tmp_path / "auto.zarr", sample=8).close()
     Recorder(model, tmp_path / "lz4.zarr", sample=8, compressor="lz4").close()
-    assert codecs(tmp_path / "auto.zarr") == ["bytes"]
-    assert codecs(tmp_path / "lz4.zarr") == ["bytes", "blosc"]
+    assert codecs(tmp_path / "auto.zarr") == ["bytes", "crc32c"]
+    assert codecs(tmp_path / "lz4.zarr") == ["bytes", "blosc", "crc32c"]
 
 
 def _flat(p: torch.Tensor, index: np.ndarray) -> np.ndarray:

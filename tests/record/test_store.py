@@ -100,8 +100,10 @@ def test_plain_xarray_opens_a_complete_store(tmp_path):
 
 @pytest.mark.parametrize("compressor", ["lz4", "none"])
 def test_independent_reader_decodes_raw_chunks(tmp_path, compressor):
-    """Read `values` from the raw files: zarr.json metadata + numcodecs Blosc (or raw little-endian
-    bytes without a codec), no zarr-python."""
+    """Read `values` from the raw files: zarr.json metadata, a crc32c over the stored bytes (its 4
+    last bytes, little-endian) checked with google_crc32c, then numcodecs Blosc (or raw
+    little-endian bytes without a codec), no zarr-python."""
+    import google_crc32c
     import numcodecs
 
     p = tmp_path / "r.zarr"
@@ -112,7 +114,7 @@ def test_independent_reader_decodes_raw_chunks(tmp_path, compressor):
     assert meta["zarr_format"] == 3 and meta["node_type"] == "array"
     assert meta["dimension_names"] == ["step", "weight"] and meta["data_type"] == "float32"
     names = [c["name"] for c in meta["codecs"]]
-    assert names == (["bytes", "blosc"] if compressor == "lz4" else ["bytes"])
+    assert names == (["bytes", "blosc", "crc32c"] if compressor == "lz4" else ["bytes", "crc32c"])
     assert meta["codecs"][0]["configuration"]["endian"] == "little"
     decode = numcodecs.Blosc().decode if compressor == "lz4" else bytes
     rows, cols = meta["shape"]
@@ -121,7 +123,9 @@ def test_independent_reader_decodes_raw_chunks(tmp_path, compressor):
     out = np.empty((rows, cols), np.float32)
     for i in range(-(-rows // cs)):
         for j in range(-(-cols // cw)):
-            raw = (p / "values" / sep.join(["c", str(i), str(j)])).read_bytes()
+            stored = (p / "values" / sep.join(["c", str(i), str(j)])).read_bytes()
+            raw, crc = stored[:-4], int.from_bytes(stored[-4:], "little")
+            assert crc == google_crc32c.value(raw)
             chunk = np.frombuffer(decode(raw), "<f4").reshape(cs, cw)
             out[i * cs:(i + 1) * cs, j * cw:(j + 1) * cw] = chunk[: rows - i * cs, : cols - j * cw]
     np.testing.assert_array_equal(out, np.stack([_row(s) for s in range(7)]))
@@ -191,9 +195,10 @@ def test_create_refuses_existing_unless_overwrite(tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "x.txt").write_text("keep me")
-    with pytest.raises(CorrtoolsError, match="not a Zarr store"):
+    with pytest.raises(CorrtoolsError, match="not a corrtools run store; refusing"):
         _create(other, overwrite=True)
     assert (other / "x.txt").exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["notes", "r.zarr"]  # nothing left beside
 
 
 def test_lock_refuses_a_second_writer(tmp_path):
@@ -361,8 +366,9 @@ def test_large_synthetic_store_writes_quickly(tmp_path):
     assert open_run(tmp_path / "big.zarr").sizes == {"step": T, "weight": n}
 
 
+@pytest.mark.parametrize("checksum", [True, False])
 @pytest.mark.parametrize("compressor", ["lz4", "none", "zstd"])
-def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, compressor):
+def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, compressor, checksum):
     """Whole chunks written without zarr's machinery are the bytes zarr writes itself."""
     rng = np.random.default_rng(1)
     n = 23
@@ -370,7 +376,7 @@ def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, compressor):
     data[2, 3] = np.nan
     data[4, 5] = np.inf
     w = RunWriter.create(tmp_path / "d.zarr", param=["p"] * n, index=np.arange(n), initial=np.zeros(n),
-                         chunk_steps=4, chunk_weights=10, compressor=compressor)
+                         chunk_steps=4, chunk_weights=10, compressor=compressor, checksum=checksum)
     assert (w._direct is None) == (compressor == "zstd")
     w.write_block(np.arange(8), data[:8])      # direct: two whole step-chunks, padded last column chunk
     w.write_block(np.arange(8, 10), data[8:10])  # direct: a partial step-chunk
@@ -379,7 +385,7 @@ def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, compressor):
     np.testing.assert_array_equal(open_run(tmp_path / "d.zarr")["values"].values, data)
     ref = zarr.open_array(str(tmp_path / "d.zarr" / "values"), mode="r")
     twin = zarr.create_array(str(tmp_path / "twin"), shape=ref.shape, chunks=ref.chunks, dtype="float32",
-                             fill_value=np.nan, compressors=store_mod._compressor(compressor))
+                             fill_value=np.nan, compressors=store_mod._codecs(compressor, checksum))
     twin[:] = data
     for key in ("c/0/0", "c/0/2", "c/1/1", "c/2/2"):
         assert (tmp_path / "d.zarr" / "values" / key).read_bytes() == (tmp_path / "twin" / key).read_bytes(), key

@@ -253,9 +253,13 @@ def _twin_runs(exploit, opt_kind="adamw", steps=1, total_steps=None, **kw):
     b, b_opt = _make(opt=opt_kind)
     sp_a = Sparsifier(a, a_opt, density=0.25, exploit=exploit, total_steps=total_steps, **kw)
     sp_b = Sparsifier(b, b_opt, density=0.25, exploit=None, total_steps=total_steps, **kw)
-    _train(a, a_opt, sp_a, steps)
-    _train(b, b_opt, sp_b, steps)
-    return (a, a_opt, sp_a), (b, b_opt, sp_b)
+    _train(a, a_opt, sp_a, steps - 1)
+    _train(b, b_opt, sp_b, steps - 1)
+    forward_masks = sp_a.masks  # the p/n of the last step's forward: what its exploit acts on
+    assert all(torch.equal(forward_masks[n], sp_b.masks[n]) for n in forward_masks)
+    _train(a, a_opt, sp_a, 1, start=steps - 1)
+    _train(b, b_opt, sp_b, 1, start=steps - 1)
+    return (a, a_opt, forward_masks), (b, b_opt, sp_b)
 
 
 @pytest.mark.parametrize("opt_kind", ["adamw", "sgd"])
@@ -263,10 +267,9 @@ def test_reset_zeroes_exactly_n(opt_kind):
     (a, a_opt, sp_a), (b, _, sp_b) = _twin_runs(Reset(every=2), opt_kind, steps=1)
     for n in SPARSE:  # step 1: no reset yet
         assert torch.equal(a.get_parameter(n), b.get_parameter(n))
-    (a, a_opt, sp_a), (b, _, sp_b) = _twin_runs(Reset(every=2), opt_kind, steps=2)
+    (a, a_opt, masks), (b, _, sp_b) = _twin_runs(Reset(every=2), opt_kind, steps=2)
     for n in SPARSE:
-        m = sp_a.masks[n]
-        assert torch.equal(m, sp_b.masks[n])
+        m = masks[n]
         wa, wb = a.get_parameter(n).detach(), b.get_parameter(n).detach()
         assert torch.equal(wa[m], wb[m])
         assert (wa[~m] == 0).all() and (wb[~m] != 0).all()
@@ -276,10 +279,10 @@ def test_reset_zeroes_exactly_n(opt_kind):
 
 @pytest.mark.parametrize("opt_kind", ["adamw", "sgd"])
 def test_reset_optimizer_state_option(opt_kind):
-    (a, a_opt, sp_a), (b, b_opt, _) = _twin_runs(Reset(every=2, reset_optimizer_state=True), opt_kind, steps=2)
-    keys = ["exp_avg", "exp_avg_sq"] if opt_kind == "adamw" else ["momentum_buffer"]
+    (a, a_opt, masks), (b, b_opt, _) = _twin_runs(Reset(every=2, reset_optimizer_state=True), opt_kind, steps=2)
+    keys = ["exp_avg"] if opt_kind == "adamw" else ["momentum_buffer"]  # first moments only
     for n in SPARSE:
-        m = sp_a.masks[n]
+        m = masks[n]
         sa, sb = a_opt.state[a.get_parameter(n)], b_opt.state[b.get_parameter(n)]
         for key in keys:
             assert (sa[key][~m] == 0).all() and (sb[key][~m] != 0).any()
@@ -290,9 +293,9 @@ def test_reset_optimizer_state_option(opt_kind):
 
 def test_regularize_shrinks_exactly_n():
     beta = 0.1
-    (a, _, sp_a), (b, _, _) = _twin_runs(Regularize(beta=beta), steps=1)
+    (a, _, masks), (b, _, _) = _twin_runs(Regularize(beta=beta), steps=1)
     for n in SPARSE:
-        m = sp_a.masks[n]
+        m = masks[n]
         wa, wb = a.get_parameter(n).detach(), b.get_parameter(n).detach()
         assert torch.equal(wa[m], wb[m])
         assert torch.allclose(wa[~m], (1 - beta) * wb[~m], rtol=1e-6, atol=0)
@@ -311,12 +314,12 @@ def test_fix_stops_rewiring_and_zeroes_n():
         if t < 3:
             assert torch.equal(model.fc1.weight, twin.fc1.weight)
     for n in SPARSE:
-        m = masks[3][n]
-        for later in masks[4:]:
-            assert torch.equal(later[n], m)  # no rewiring after step 4
+        m = masks[2][n]  # rewired after step 3: the masks of step 4's forward, final from then on
+        for later in masks[3:]:
+            assert torch.equal(later[n], m)  # no rewiring from step 4 on
         w = model.get_parameter(n).detach()
         assert (w[~m] == 0).all()
-    assert any(not torch.equal(masks[2][n], masks[3][n]) for n in SPARSE)  # it rewired before
+    assert any(not torch.equal(masks[1][n], masks[2][n]) for n in SPARSE)  # it rewired before
 
 
 def test_fix_step_rounding_and_validation():
