@@ -381,13 +381,13 @@ def test_attach_after_close_is_an_error(tmp_path):
 def test_info_command_json_and_errors(tmp_path, capsys):
     import json
 
-    with Recorder(_Net(), tmp_path / "i.zarr", sample=5) as rec:
+    with Recorder(_Net(), tmp_path / "i.zarr", sample=16) as rec:
         rec.record()
     parser = argparse.ArgumentParser()
     info_cmd.add_parser(parser.add_subparsers())
     assert info_cmd.run(parser.parse_args(["info", str(tmp_path / "i.zarr"), "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["status"] == "complete" and out["params"] == {"fc1.weight": 5, "fc2.weight": 5}
+    assert out["status"] == "complete" and out["params"] == {"fc1.weight": 16, "fc2.weight": 16}
     assert info_cmd.run(parser.parse_args(["info", str(tmp_path / "i.zarr")])) == 0
     text = capsys.readouterr().out
     assert "status      complete" in text and "steps       1 recorded, steps 1..1" in text
