@@ -1,10 +1,11 @@
 """Training-step cost of Algorithm 1 on the built-in workload, side by side with dense training.
 
-One process, three runs of the character LM (same config and seed), stepped in alternating blocks so
+One process, four runs of the character LM (same config and seed), stepped in alternating blocks so
 that machine load falls on all of them alike:
 
     dense                    plain AdamW training
-    unstructured d=0.25 r=1  Sparsifier(density=0.25), masks recomputed every step
+    unstructured d=0.25 r=1  Sparsifier(density=0.25), masks recomputed every step (one global threshold)
+    unstructured uniform     the same with allocation="uniform" (each layer keeps d of its weights)
     2:4-2d r=1               Sparsifier(structure="2:4-2d"), masks recomputed every step
 
 Prints the median step time of each (ms), its ratio to dense (goal <= 1.15x), the share spent in
@@ -28,7 +29,8 @@ from corrtools.workloads import CharLMConfig, CharLMWorkload
 
 VARIANTS: list[tuple[str, dict | None]] = [
     ("dense", None),
-    ("unstructured d=0.25 r=1", dict(density=0.25, structure="unstructured", rewire_every=1)),
+    ("unstructured d=0.25 r=1", dict(density=0.25, structure="unstructured", rewire_every=1)),  # global τ
+    ("unstructured uniform", dict(density=0.25, structure="unstructured", rewire_every=1, allocation="uniform")),
     ("2:4-2d r=1", dict(structure="2:4-2d", rewire_every=1)),
 ]
 

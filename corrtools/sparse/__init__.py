@@ -19,10 +19,21 @@
 """
 from __future__ import annotations
 
+from corrtools.sparse.allocation import erk_densities
 from corrtools.sparse.config import SparsityConfig, Structure
 from corrtools.sparse.exploit import Fix, Regularize, Reset
 from corrtools.sparse.kernels import is_2to4, semi_structured_candidates, to_semi_structured_
-from corrtools.sparse.masks import block_mask, nm_mask, nm_mask_2d, nm_mask_2d_many, patterns_2d, topk_mask
+from corrtools.sparse.masks import (
+    block_mask,
+    block_mask_many,
+    gemm_view,
+    nm_mask,
+    nm_mask_2d,
+    nm_mask_2d_many,
+    patterns_2d,
+    topk_mask,
+    topk_mask_many,
+)
 from corrtools.sparse.ops import mask_module_, masked_weight, unmask_module_
 from corrtools.sparse.sparsifier import LayerReport, Sparsifier
 
@@ -35,6 +46,9 @@ __all__ = [
     "SparsityConfig",
     "Structure",
     "block_mask",
+    "block_mask_many",
+    "erk_densities",
+    "gemm_view",
     "is_2to4",
     "mask_module_",
     "masked_weight",
@@ -45,5 +59,6 @@ __all__ = [
     "semi_structured_candidates",
     "to_semi_structured_",
     "topk_mask",
+    "topk_mask_many",
     "unmask_module_",
 ]

@@ -1,6 +1,7 @@
 """The Sparsifier's configuration: a structure value object and a frozen, validated config."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from corrtools.errors import CorrtoolsError
 from corrtools.sparse import masks
+from corrtools.sparse.allocation import ALLOCATIONS
 from corrtools.sparse.exploit import Exploit, Fix, Regularize, Reset, exploit_from_dict
 
 __all__ = ["SparsityConfig", "Structure"]
@@ -79,23 +81,45 @@ class Structure:
             return masks.nm_mask_2d(w, name=name)
         return masks.block_mask(w, density, self.block, name=name)
 
-    def masks(self, weights: Sequence[Tensor], density: float, names: Sequence[str]) -> list[Tensor]:
+    def masks(
+        self,
+        weights: Sequence[Tensor],
+        density: float | Sequence[float],
+        names: Sequence[str],
+        *,
+        global_threshold: bool = False,
+    ) -> list[Tensor]:
         """:meth:`mask` of each weight (``names`` one per weight), batched where the structure can be.
 
-        2:4-2d scores all the weights' tiles in one pass (:func:`masks.nm_mask_2d_many`); the
-        other structures compute one weight at a time. Same masks as calling :meth:`mask` on each.
+        ``density``: one for all, or one per weight. 2:4-2d scores all the weights' tiles in one
+        pass (:func:`masks.nm_mask_2d_many`). With ``global_threshold`` (one ``density``),
+        unstructured and block masks use one magnitude threshold over all the weights together
+        (:func:`masks.topk_mask_many`, :func:`masks.block_mask_many`); otherwise each weight is
+        masked on its own, the same masks as calling :meth:`mask` on each.
         """
         if self.kind == "nm2d":
             return masks.nm_mask_2d_many(weights, names=names)
-        return [self.mask(w, density, name=name) for w, name in zip(weights, names)]
+        if global_threshold and self.kind in ("unstructured", "block"):
+            if not isinstance(density, (int, float)):
+                raise CorrtoolsError("A global magnitude threshold takes one density, not one per layer.")
+            if self.kind == "unstructured":
+                return masks.topk_mask_many(weights, density)
+            return masks.block_mask_many(weights, density, self.block, names=names)
+        per = [density] * len(weights) if isinstance(density, (int, float)) else list(density)
+        return [self.mask(w, d, name=name) for w, d, name in zip(weights, per, names)]
 
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    """Algorithm 1's settings. Defaults are the paper's (r = 1, s = 1, NO EXPLOIT)."""
+    """Algorithm 1's settings. Defaults are the paper's (r = 1, s = 1, NO EXPLOIT, one global τ).
+
+    ``density`` and ``structure`` here are the defaults; per-layer values given to the Sparsifier
+    are kept in its plan (:meth:`Sparsifier.state_dict`).
+    """
 
     density: float | None = None  # d, fraction participating; None: n/m for N:M, else 0.5
     structure: str = "unstructured"  # see Structure.parse; stored in canonical form
+    allocation: str = "global"  # how d spreads over layers: "global" (one |w| threshold), "uniform", "erk"
     rewire_every: int = 1  # r, optimizer steps between mask recomputations
     grad_scale: float = 1.0  # s, factor on the weight gradient of non-participating weights
     exploit: Exploit | None = None  # Fix / Reset / Regularize, or None (NO EXPLOIT)
@@ -115,6 +139,8 @@ class SparsityConfig:
             )
         resolved = implied if implied is not None else (0.5 if d is None else d)
         object.__setattr__(self, "density", float(resolved))
+        if self.allocation not in ALLOCATIONS:
+            raise CorrtoolsError(f"allocation={self.allocation!r} must be one of {ALLOCATIONS}.")
         r = self.rewire_every
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise CorrtoolsError(f"rewire_every={r!r} must be a whole number of steps >= 1.")
@@ -141,6 +167,7 @@ class SparsityConfig:
         return {
             "density": self.density,
             "structure": self.structure,
+            "allocation": self.allocation,
             "rewire_every": self.rewire_every,
             "grad_scale": self.grad_scale,
             "exploit": None if self.exploit is None else self.exploit.to_dict(),
@@ -151,4 +178,12 @@ class SparsityConfig:
     def from_dict(cls, data: dict[str, Any]) -> SparsityConfig:
         fields = dict(data)
         fields["exploit"] = exploit_from_dict(fields.get("exploit"))
+        fields.setdefault("allocation", "uniform")  # saved before allocations existed: per layer
         return cls(**fields)
+
+    def resumable_from(self, other: SparsityConfig) -> bool:
+        """Whether a run saved with ``other`` can continue under this config: equal, except
+        ``total_steps`` when the exploit does not use it (only Fix does)."""
+        if isinstance(self.exploit, Fix) or isinstance(other.exploit, Fix):
+            return self == other
+        return dataclasses.replace(self, total_steps=None) == dataclasses.replace(other, total_steps=None)

@@ -64,18 +64,41 @@ def semi_structured_candidates(model: nn.Module, dtype: torch.dtype = torch.floa
     return out
 
 
+def _conversion_targets(model: nn.Module) -> list[str]:
+    """Names of the Linear modules :func:`to_semi_structured_` converts: 2:4 weights in fp16/bf16
+    with a supported shape. Other parameters (LayerNorm, biases, dense layers) may have any dtype;
+    a 2:4 Linear weight in another dtype is an error naming it."""
+    sparse = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_2to4(m.weight)]
+    wrong = [f"{n!r} ({m.weight.dtype})" for n, m in sparse if m.weight.dtype not in _DTYPES]
+    if wrong:
+        raise CorrtoolsError(
+            f"2:4 semi-structured kernels need fp16 or bf16 weights; the 2:4 Linear layers {', '.join(wrong)} "
+            "are not: convert them with .half() or .bfloat16() (LayerNorm and other layers may stay fp32)."
+        )
+    names = []
+    for name, module in sparse:
+        rows, cols = _shape_multiples(module.weight.dtype)
+        if module.weight.shape[0] % rows == 0 and module.weight.shape[1] % cols == 0:
+            names.append(name)
+    if not names:
+        raise CorrtoolsError(
+            "No Linear weight is 2:4 with a supported shape; train with "
+            'Sparsifier(structure="2:4" or "2:4-2d") and call finalize() first.'
+        )
+    return names
+
+
 def to_semi_structured_(model: nn.Module) -> None:
     """Swap each 2:4 Linear weight of a finalized model for a semi-structured sparse one, in place.
 
-    Needs the model on a CUDA GPU with Sparse Tensor Cores (compute capability 8.0+) in fp16 or
-    bf16 (``model.half().cuda()``); raises CorrtoolsError otherwise, or when no Linear qualifies
-    (see :func:`semi_structured_candidates`). The converted weights are frozen (inference only).
+    Needs those Linear layers on a CUDA GPU with Sparse Tensor Cores (compute capability 8.0+) in
+    fp16 or bf16 (``model.half().cuda()``); other parameters, such as LayerNorm kept in fp32 for
+    mixed precision, are left as they are. Raises CorrtoolsError otherwise, or when no Linear
+    qualifies (see :func:`semi_structured_candidates`). The converted weights are frozen (inference only).
     """
-    params = list(model.parameters())
-    if not params:
-        raise CorrtoolsError("The model has no parameters to convert to 2:4 semi-structured form.")
-    devices = {p.device for p in params}
-    dtypes = {p.dtype for p in params}
+    names = set(_conversion_targets(model))
+    weights = [m.weight for n, m in model.named_modules() if n in names]
+    devices = {w.device for w in weights}
     if any(d.type != "cuda" for d in devices) or not torch.cuda.is_available():
         raise CorrtoolsError(
             f"2:4 semi-structured kernels need the model on a CUDA GPU with Sparse Tensor Cores "
@@ -89,17 +112,6 @@ def to_semi_structured_(model: nn.Module) -> None:
                 f"2:4 semi-structured kernels need compute capability 8.0+ (Sparse Tensor Cores); "
                 f"{torch.cuda.get_device_name(device)} has {major}.{minor}."
             )
-    if not dtypes <= set(_DTYPES):
-        raise CorrtoolsError(
-            f"2:4 semi-structured kernels need fp16 or bf16 weights, found {sorted(map(str, dtypes))}: "
-            "convert the model with model.half() or model.bfloat16()."
-        )
-    names = {n for dtype in dtypes for n in semi_structured_candidates(model, dtype)}
-    if not names:
-        raise CorrtoolsError(
-            "No Linear weight is 2:4 with a supported shape; train with "
-            'Sparsifier(structure="2:4" or "2:4-2d") and call finalize() first.'
-        )
     backend = _backend()
     for name, module in model.named_modules():
         if name in names:

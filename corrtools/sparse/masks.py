@@ -5,12 +5,18 @@ printing, no files; the same input always gives the same mask (ties are broken d
 as each function documents). Masks are computed from ``|w|`` of a detached copy, so calling these
 under autograd records nothing.
 
-Layouts (the GEMM view of a weight):
+Layouts (the GEMM view of a weight, :func:`gemm_view`):
 
-- Linear ``(out, in)``: the inner (reduction) dimension is ``in`` (dim 1).
-- Conv ``(k, c, *kernel)``: the inner dimension of the implicit GEMM is ``c``; the 2D view used by
-  the 2:4-2d and block masks is ``w.reshape(k, c * r * s)``, columns in memory order (``c`` slowest,
-  the last kernel dimension fastest) -- the matrix whose transpose the input-gradient GEMM uses.
+- Linear ``(out, in)``: the inner (reduction) dimension is ``in`` (dim 1); the view is the weight.
+- Conv ``(k, c, *kernel)``: the inner dimension of the implicit GEMM is ``c``. The 2D view used by
+  the 2:4-2d and block masks is ``w.movedim(1, -1).reshape(k, -1)``: rows are output channels,
+  columns run over (kernel position, ``c``) with ``c`` fastest, so groups of 4 consecutive columns
+  are 4 consecutive input channels at one kernel position (the paper's Appendix E.2: 2:4 along
+  ``c`` for the forward pass, along ``k`` for the backward). A 2:4-2d conv mask is therefore also
+  a valid 2:4 (1D) mask, and a block is ``b`` output × ``b`` input channels at one kernel position.
+
+Non-finite weights: every mask keeps exactly its count whatever the values. ``NaN`` ranks below
+every other value (as ``|w| = -1``); ``±inf`` ranks above every finite value.
 
 Shapes that do not fit a structure raise :class:`~corrtools.errors.CorrtoolsError` naming the
 parameter (``name``) and its shape.
@@ -38,15 +44,21 @@ from corrtools.errors import CorrtoolsError
 __all__ = [
     "BLOCK_SIZES",
     "block_mask",
+    "block_mask_many",
+    "gemm_view",
     "kept_count",
     "nm_mask",
     "nm_mask_2d",
     "nm_mask_2d_many",
     "patterns_2d",
     "topk_mask",
+    "topk_mask_many",
 ]
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
+
+# On CPU, take the top-k threshold from numpy's introselect (False: the device path, as on GPUs).
+_CPU_SELECT = True
 
 # Tiles per chunk in nm_mask_2d: the (90, chunk) score block stays within a few MB of cache.
 _TILES_PER_CHUNK = 4096
@@ -57,39 +69,81 @@ def kept_count(density: float, numel: int) -> int:
     return min(numel, max(0, math.floor(density * numel + 0.5)))
 
 
+def gemm_view(w: Tensor) -> Tensor:
+    """The 2D GEMM view ``(out, inner)`` of a weight ``(out, in, *kernel)``: ``w`` itself for 2D,
+    ``w.movedim(1, -1).reshape(out, -1)`` for convs (columns: kernel position, then ``in`` fastest).
+    A copy for convs, a view otherwise."""
+    if w.ndim <= 2:
+        return w
+    return w.movedim(1, -1).reshape(w.shape[0], -1)
+
+
+def _from_gemm_view(m: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`gemm_view` for a mask: ``(out, inner)`` back to ``shape`` (contiguous)."""
+    if len(shape) <= 2:
+        return m.reshape(shape)
+    return m.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous()
+
+
+def _magnitude(w: Tensor) -> Tensor:
+    """``|w|`` as a new tensor with NaN as -1, so NaN ranks below every weight (inf stays inf)."""
+    return torch.nan_to_num_(w.detach().abs(), nan=-1.0, posinf=math.inf)
+
+
 def topk_mask(w: Tensor, density: float, *, name: str = "weight") -> Tensor:
     """Keep exactly ``kept_count(density, w.numel())`` weights of largest ``|w|`` in the tensor.
 
-    Ties at the threshold are broken by flat (row-major) index: the lower index is kept. Returns a
-    bool tensor shaped like ``w``. ``w`` should be finite (NaN ranks are unspecified).
+    Ties at the threshold are broken by flat (row-major) index: the lower index is kept. NaN ranks
+    lowest. Returns a bool tensor shaped like ``w``. No host-device synchronisation on accelerators.
     """
     _check_density(density, name)
-    numel = w.numel()
-    k = kept_count(density, numel)
-    if k == numel:
-        return torch.ones(w.shape, dtype=torch.bool, device=w.device)
-    if k == 0:
-        return torch.zeros(w.shape, dtype=torch.bool, device=w.device)
-    a = w.detach().abs().reshape(-1)
-    threshold, tied_below = _kth_smallest(a, numel - k + 1)  # the k-th largest |w|
-    keep = a >= threshold
-    surplus = int(keep.sum()) - k if tied_below else 0
-    if surplus > 0:  # more weights equal the threshold than places left: drop the highest-index ones
-        ties = a == threshold
-        keep &= ~(ties & (ties.cumsum(0) > int(ties.sum()) - surplus))
-    return keep.view(w.shape)
+    return _topk_flat(_magnitude(w).reshape(-1), kept_count(density, w.numel())).view(w.shape)
 
 
-def _kth_smallest(a: Tensor, rank: int) -> tuple[Tensor, bool]:
-    """The ``rank``-th smallest (1-based) element of 1D ``a``, as a 0-d tensor on ``a``'s device,
-    and whether one of the ``rank - 1`` smaller elements may equal it (False: none does)."""
-    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.float32, torch.float64):
-        # numpy's introselect is ~10x faster than torch.kthvalue on CPU.
-        part = np.partition(a.numpy(), rank - 1)
-        value = part[rank - 1]
-        tied_below = rank > 1 and bool(part[: rank - 1].max() == value)
-        return torch.tensor(value, dtype=a.dtype), tied_below
-    return a.kthvalue(rank).values, True
+def topk_mask_many(weights: Sequence[Tensor], density: float, *, name: str = "weights") -> list[Tensor]:
+    """One global magnitude threshold over all ``weights``: keep exactly
+    ``kept_count(density, total numel)`` of largest ``|w|`` among them together (ties to the lower
+    index in the concatenation, in the given order; NaN lowest). All on one device. Returns one
+    bool mask per weight, shaped like it; a layer may keep any number, 0 included.
+    """
+    _check_density(density, name)
+    if not weights:
+        return []
+    if len({w.device for w in weights}) > 1:
+        raise CorrtoolsError(
+            f"A global magnitude threshold needs {name} on one device, found "
+            f"{sorted({str(w.device) for w in weights})}; use allocation='uniform'."
+        )
+    flat = torch.cat([_magnitude(w).reshape(-1) for w in weights])
+    keep = _topk_flat(flat, kept_count(density, flat.numel()))
+    return [m.view(w.shape) for m, w in zip(keep.split([w.numel() for w in weights]), weights)]
+
+
+def _topk_flat(a: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` largest of 1D ``a`` (values >= -1), ties to the lower index.
+
+    Never reads a device scalar on the host: the tie count stays a 0-d tensor on ``a``'s device.
+    On CPU the threshold comes from numpy's introselect (~10x faster than ``torch.kthvalue``).
+    """
+    numel = a.numel()
+    if k >= numel:
+        return torch.ones(numel, dtype=torch.bool, device=a.device)
+    if k <= 0:
+        return torch.zeros(numel, dtype=torch.bool, device=a.device)
+    rank = numel - k  # 0-based rank of the threshold (the k-th largest) in ascending order
+    need: int | Tensor
+    if _CPU_SELECT and a.device.type == "cpu" and a.dtype in (torch.float16, torch.float32, torch.float64):
+        part = np.partition(a.numpy(), rank)
+        value = part[rank]
+        threshold = torch.tensor(value, dtype=a.dtype)
+        if not (rank > 0 and part[:rank].max() == value):  # no tie below: exactly k are >= value
+            return a >= threshold
+        need = k - int(np.count_nonzero(part[rank:] > value))  # numpy: no torch scalar read
+    else:
+        threshold = a.kthvalue(rank + 1).values  # 0-d, on a's device
+        need = k - (a > threshold).sum()  # 0-d tensor: no sync
+    ties = a == threshold
+    return (a > threshold) | (ties & (ties.cumsum(0) <= need))
 
 
 def nm_mask(w: Tensor, n: int = 2, m: int = 4, *, name: str = "weight") -> Tensor:
@@ -97,7 +151,7 @@ def nm_mask(w: Tensor, n: int = 2, m: int = 4, *, name: str = "weight") -> Tenso
 
     Linear ``(out, in)``: groups of ``m`` consecutive input features in each row. Conv
     ``(k, c, *kernel)``: groups of ``m`` consecutive input channels at each (filter, kernel position).
-    Within a group the ``n`` largest ``|w|`` are kept; ties go to the lower index.
+    Within a group the ``n`` largest ``|w|`` are kept (NaN lowest); ties go to the lower index.
     ``w.shape[1]`` must be a multiple of ``m``.
     """
     if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m >= 1):
@@ -112,7 +166,7 @@ def nm_mask(w: Tensor, n: int = 2, m: int = 4, *, name: str = "weight") -> Tenso
             f"Parameter {name!r} of shape {tuple(w.shape)} cannot be {n}:{m} along its inner "
             f"dimension (dim 1 = {w.shape[1]} is not a multiple of {m}); exclude it."
         )
-    a = w.detach().abs().movedim(1, -1)  # (out, *kernel, in)
+    a = _magnitude(w).movedim(1, -1)  # (out, *kernel, in)
     groups = a.reshape(-1, m)  # (G, m)
     cols = [groups[:, i] for i in range(m)]
     keep = torch.empty(groups.shape, dtype=torch.bool, device=w.device)
@@ -152,13 +206,16 @@ def patterns_2d() -> Tensor:
 def nm_mask_2d(w: Tensor, *, name: str = "weight") -> Tensor:
     """2:4 2D (transposable) mask: every 4×4 tile is 2:4 along its rows and its columns.
 
-    The 2D view is ``w.reshape(w.shape[0], -1)`` (Linear ``(out, in)``; conv ``(k, c*r*s)``), tiled
-    from the top-left corner; both of its dimensions must be multiples of 4. Each tile keeps the
-    pattern of largest L1 norm (sum of kept ``|w|``) among the 90 of :func:`patterns_2d`, chosen
-    exactly (up to rounding of the 8-term sums in ``w``'s floating dtype; half precision is scored
-    in float32). Ties go to the pattern that comes first in :func:`patterns_2d` order.
+    The 2D view is :func:`gemm_view` (Linear ``(out, in)``; conv ``(k, r*s*c)`` with ``c`` fastest,
+    so tile rows are 2:4 along input channels and tile columns along output channels), tiled from
+    the top-left corner; both of its dimensions (and a conv's ``c``) must be multiples of 4. Each tile
+    keeps the pattern of largest L1 norm (sum of kept ``|w|``) among the 90 of :func:`patterns_2d`,
+    chosen exactly (up to rounding of the 8-term sums in ``w``'s floating dtype; half precision is
+    scored in float32). Ties go to the pattern that comes first in :func:`patterns_2d` order.
     Vectorised over chunks of tiles: scores = patterns (90, 16) @ tiles (16, T), then the first
-    maximum over the 90. A tile containing NaN gets an unspecified valid pattern.
+    maximum over the 90. Non-finite values: a pattern that keeps a NaN never wins over one that does
+    not (NaN ranks lowest); ``|w|`` is capped at ``finfo.max / 128`` of the scoring dtype, so inf
+    ranks with the largest values and the sums stay finite.
     """
     return nm_mask_2d_many([w], names=[name])[0]
 
@@ -190,7 +247,7 @@ def nm_mask_2d_many(weights: Sequence[Tensor], *, names: Sequence[str] | None = 
         size, done = 0, 0
         for i in members:
             R, C = grids[i]
-            w4 = weights[i].detach().reshape(R, 4, C, 4)
+            w4 = gemm_view(weights[i].detach()).reshape(R, 4, C, 4)
             strips = max(1, _TILES_PER_CHUNK // C)
             for r0 in range(0, R, strips):
                 r1 = min(r0 + strips, R)
@@ -207,14 +264,15 @@ def nm_mask_2d_many(weights: Sequence[Tensor], *, names: Sequence[str] | None = 
         for i in members:
             R, C = grids[i]
             mask = rows4[start : start + R * C].view(R, C, 4).transpose(1, 2).contiguous()  # (R, 4, C)
-            out[i] = mask.view(-1).view(torch.bool).view(weights[i].shape)
+            out[i] = _from_gemm_view(mask.view(-1).view(torch.bool).view(4 * R, 4 * C), weights[i].shape)
             start += R * C
     return out  # type: ignore[return-value]
 
 
 def _tile_grid_2d(w: Tensor, name: str, tile: int = 4, structure: str = "2:4-2d") -> tuple[int, int]:
-    """(rows, cols) of ``tile``×``tile`` tiles in ``w``'s 2D view ``(w.shape[0], -1)``; a clear error
-    naming the parameter and ``structure`` when it has no 2D view or does not tile."""
+    """(rows, cols) of ``tile``×``tile`` tiles in ``w``'s :func:`gemm_view`; a clear error naming
+    the parameter and ``structure`` when it has no 2D view or does not tile (for a conv, ``c`` must
+    be a multiple of ``tile`` too, so no tile straddles two kernel positions)."""
     if w.ndim < 2:
         raise CorrtoolsError(
             f"Parameter {name!r} of shape {tuple(w.shape)} has no 2D view for {structure}; "
@@ -226,6 +284,11 @@ def _tile_grid_2d(w: Tensor, name: str, tile: int = 4, structure: str = "2:4-2d"
         raise CorrtoolsError(
             f"Parameter {name!r} of shape {tuple(w.shape)} cannot be {structure}: its 2D view "
             f"({rows}, {cols}) must have both sides multiples of {tile}; exclude it."
+        )
+    if w.ndim > 2 and w.shape[1] % tile:
+        raise CorrtoolsError(
+            f"Parameter {name!r} of shape {tuple(w.shape)} cannot be {structure}: its input "
+            f"channels ({w.shape[1]}) must be a multiple of {tile}; exclude it."
         )
     return rows // tile, cols // tile
 
@@ -265,6 +328,10 @@ def _score_chunk_(
         tiles[:, start : start + r * C].view(4, 4, r, C).copy_(w4.permute(1, 3, 0, 2))  # casts too
         start += r * C
     tiles.abs_()
+    # NaN -> -2^k (any pattern avoiding NaN beats any pattern keeping one: a tile always has such
+    # a pattern), |w| capped at 2^k / 8: all 8-term sums and their differences stay finite.
+    cap = torch.finfo(dtype).max / 16
+    torch.nan_to_num_(tiles, nan=-cap, posinf=cap / 8).clamp_max_(cap / 8)
     scores = torch.mm(weights, tiles)  # (90, size) L1 norm each pattern keeps
     top = scores.amax(0)  # (size,)
     # The first p with scores[p] == top (argmax over dim 0 and bool compares are slow on CPU):
@@ -273,24 +340,48 @@ def _score_chunk_(
     # sign, so the column maximum is the key of the first maximal pattern.
     hits = scores.sub_(top).view(key.dtype).bitwise_or_(key)  # (90, size)
     torch.sub(90, hits.amax(0), out=best)
-    best.clamp_(0, 89)  # a tile holding NaN matches no pattern: give it a valid one
+    best.clamp_(0, 89)  # safety: every tile matches at least its maximum
 
 
 def block_mask(w: Tensor, density: float, block: int, *, name: str = "weight") -> Tensor:
     """Keep whole ``block``×``block`` tiles of the 2D view, ranked by their largest ``|w|``.
 
-    The 2D view is ``w.reshape(w.shape[0], -1)`` (as in :func:`nm_mask_2d`); both of its sides must
-    be multiples of ``block`` (no partial edge blocks). Exactly ``kept_count(density, n_blocks)``
-    blocks are kept (rounding is at block granularity), ties to the lower row-major block index.
-    ``block`` must be one of :data:`BLOCK_SIZES`.
+    The 2D view is :func:`gemm_view` (as in :func:`nm_mask_2d`: for a conv, a block is ``block``
+    output channels × ``block`` consecutive input channels at one kernel position); both of its sides
+    (and a conv's ``c``) must be multiples of ``block`` (no partial edge blocks). Exactly
+    ``kept_count(density, n_blocks)`` blocks are kept (rounding is at block granularity), ties to the
+    lower row-major block index, NaN lowest. ``block`` must be one of :data:`BLOCK_SIZES`.
     """
-    _check_density(density, name)
+    return block_mask_many([w], density, block, names=[name], global_threshold=False)[0]
+
+
+def block_mask_many(
+    weights: Sequence[Tensor],
+    density: float,
+    block: int,
+    *,
+    names: Sequence[str] | None = None,
+    global_threshold: bool = True,
+) -> list[Tensor]:
+    """:func:`block_mask` of each weight; with ``global_threshold`` one block threshold over all of
+    them (exactly ``kept_count(density, total blocks)`` blocks kept among all weights together)."""
+    names = ["weight"] * len(weights) if names is None else names
+    for name in names:
+        _check_density(density, name)
     if block not in BLOCK_SIZES:
         raise CorrtoolsError(f"Block size {block!r} is not supported; use one of {BLOCK_SIZES}.")
-    R, C = _tile_grid_2d(w, name, tile=block, structure=f"block:{block}")
-    scores = w.detach().reshape(R, block, C, block).abs().amax(dim=(1, 3))  # (R, C)
-    keep = topk_mask(scores, density, name=name)
-    return keep[:, None, :, None].expand(R, block, C, block).reshape(w.shape)
+    grids = [_tile_grid_2d(w, name, tile=block, structure=f"block:{block}") for w, name in zip(weights, names)]
+    scores = [
+        _magnitude(gemm_view(w)).reshape(R, block, C, block).amax(dim=(1, 3)) for w, (R, C) in zip(weights, grids)
+    ]  # (R, C) each
+    if global_threshold:
+        keeps = topk_mask_many(scores, density)
+    else:
+        keeps = [_topk_flat(sc.reshape(-1), kept_count(density, sc.numel())).view(sc.shape) for sc in scores]
+    return [
+        _from_gemm_view(keep[:, None, :, None].expand(R, block, C, block).reshape(R * block, C * block), w.shape)
+        for w, keep, (R, C) in zip(weights, keeps, grids)
+    ]
 
 
 def _check_density(density: float, name: str) -> None:

@@ -5,10 +5,16 @@ weight gradient is dense: the part on participating weights passes unchanged, th
 non-participating weights is multiplied by ``grad_scale`` (s). Because the dense ``weight``
 Parameter stays where it was, any optimizer updates all weights, and ``state_dict()`` keeps its
 usual keys (``fc1.weight``) plus the mask buffer (``fc1.weight_mask``).
+
+Layers: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, and Hugging Face's ``transformers.pytorch_utils.Conv1D``
+(GPT-2's projections), recognised without importing transformers by its class name ``Conv1D``, its
+``nf`` attribute and a weight stored ``(in, out)`` -- the transpose of ``nn.Linear``'s.
+The masked forward is a ``functools.partial`` of a module-level function stored on the instance,
+so a masked model pickles (``torch.save(model)`` / ``torch.load``) and deep-copies.
 """
 from __future__ import annotations
 
-import types
+import functools
 from typing import Any
 
 import torch
@@ -17,10 +23,19 @@ from torch import Tensor, nn
 
 from corrtools.errors import CorrtoolsError
 
-__all__ = ["MASK_BUFFER", "MASKABLE", "is_masked", "mask_module_", "masked_weight", "unmask_module_"]
+__all__ = [
+    "MASK_BUFFER",
+    "MASKABLE",
+    "gemm_weight",
+    "is_masked",
+    "layer_kind",
+    "mask_module_",
+    "masked_weight",
+    "unmask_module_",
+]
 
 MASK_BUFFER = "weight_mask"  # buffer name on a masked module; state_dict key "<module>.weight_mask"
-MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)  # plus HF's Conv1D, recognised by layer_kind
 _SCALE_ATTR = "_corrtools_grad_scale"
 _FACTOR_ATTR = "_corrtools_mask_factor"  # (mask, its version, mask in the weight dtype)
 
@@ -68,12 +83,47 @@ def _module_masked_weight(module: nn.Module) -> Tensor:
     return _MaskedWeight.apply(weight, mask, cache[2], getattr(module, _SCALE_ATTR))
 
 
-def _masked_linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
-    return F.linear(input, _module_masked_weight(self), self.bias)
+def _masked_linear_forward(module: nn.Linear, input: Tensor) -> Tensor:
+    return F.linear(input, _module_masked_weight(module), module.bias)
 
 
-def _masked_conv_forward(self: nn.Conv1d | nn.Conv2d, input: Tensor) -> Tensor:
-    return self._conv_forward(input, _module_masked_weight(self), self.bias)
+def _masked_conv_forward(module: nn.Conv1d | nn.Conv2d, input: Tensor) -> Tensor:
+    return module._conv_forward(input, _module_masked_weight(module), module.bias)
+
+
+def _masked_hf_conv1d_forward(module: nn.Module, x: Tensor) -> Tensor:
+    # transformers.pytorch_utils.Conv1D.forward with the masked (in, out) weight
+    size_out = x.size()[:-1] + (module.nf,)
+    x = torch.addmm(module.bias, x.view(-1, x.size(-1)), _module_masked_weight(module))
+    return x.view(size_out)
+
+
+_FORWARDS = {"linear": _masked_linear_forward, "conv": _masked_conv_forward, "hf_conv1d": _masked_hf_conv1d_forward}
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv"`` (Conv1d/Conv2d), ``"hf_conv1d"`` (Hugging Face's ``Conv1D``) or None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return "conv"
+    weight = getattr(module, "weight", None)
+    if (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, Tensor)
+        and weight.ndim == 2
+        and weight.shape[1] == module.nf
+    ):
+        return "hf_conv1d"
+    return None
+
+
+def gemm_weight(module: nn.Module) -> Tensor:
+    """The weight in ``(out, in, *kernel)`` layout: ``weight`` itself, or for HF ``Conv1D`` (stored
+    ``(in, out)``) its transpose ``weight.t()`` -- a view, so writes reach the Parameter."""
+    w = module.weight
+    return w.t() if layer_kind(module) == "hf_conv1d" else w
 
 
 def is_masked(module: nn.Module) -> bool:
@@ -82,14 +132,16 @@ def is_masked(module: nn.Module) -> bool:
 
 
 def mask_module_(module: nn.Module, mask: Tensor, grad_scale: float = 1.0) -> None:
-    """Make ``module`` (Linear, Conv1d or Conv2d) compute with ``masked_weight``, in place.
+    """Make ``module`` (Linear, Conv1d, Conv2d or HF Conv1D) compute with ``masked_weight``, in place.
 
-    Registers ``mask`` (bool, shaped like ``module.weight``) as the persistent buffer
-    ``weight_mask`` and overrides the instance's ``forward``. Undo with :func:`unmask_module_`.
+    Registers ``mask`` (bool, shaped like ``module.weight``; the same tensor object, so modules that
+    share a weight can share its mask) as the persistent buffer ``weight_mask`` and sets the
+    instance's ``forward``. Undo with :func:`unmask_module_`.
     """
-    if not isinstance(module, MASKABLE):
+    kind = layer_kind(module)
+    if kind is None:
         raise CorrtoolsError(
-            f"Only Linear, Conv1d and Conv2d layers can be masked, not {type(module).__name__}."
+            f"Only Linear, Conv1d, Conv2d and Hugging Face Conv1D layers can be masked, not {type(module).__name__}."
         )
     if is_masked(module) or hasattr(module, MASK_BUFFER):
         raise CorrtoolsError(
@@ -103,8 +155,8 @@ def mask_module_(module: nn.Module, mask: Tensor, grad_scale: float = 1.0) -> No
         )
     module.register_buffer(MASK_BUFFER, mask.to(module.weight.device), persistent=True)
     setattr(module, _SCALE_ATTR, float(grad_scale))
-    forward = _masked_linear_forward if isinstance(module, nn.Linear) else _masked_conv_forward
-    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+    # A partial of a module-level function, not a bound method: picklable (torch.save(model)).
+    module.forward = functools.partial(_FORWARDS[kind], module)  # type: ignore[method-assign]
 
 
 def unmask_module_(module: nn.Module, apply: bool = True) -> None:

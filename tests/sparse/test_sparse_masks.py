@@ -152,8 +152,26 @@ def test_patterns_2d_are_all_90_in_documented_order():
     assert [p.tolist() for p in ours] == [p.tolist() for p in reversed(_BRUTE)]
 
 
+def _chan_view(w: torch.Tensor) -> torch.Tensor:
+    """Appendix E.2's view, written out per rank: rows = output channels, columns = (kernel
+    position, input channel) with the input channel fastest."""
+    if w.ndim == 2:
+        return w
+    if w.ndim == 3:
+        return w.permute(0, 2, 1).reshape(w.shape[0], -1)
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _from_chan_view(v: torch.Tensor, shape) -> torch.Tensor:
+    if len(shape) == 2:
+        return v.reshape(shape)
+    if len(shape) == 3:
+        return v.reshape(shape[0], shape[2], shape[1]).permute(0, 2, 1).contiguous()
+    return v.reshape(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2).contiguous()
+
+
 def _nm2d_reference(w: torch.Tensor) -> torch.Tensor:
-    a = np.abs(w.numpy().reshape(w.shape[0], -1)).astype(np.float64)
+    a = np.abs(_chan_view(w).numpy()).astype(np.float64)
     keep = np.zeros(a.shape, dtype=bool)
     for r in range(0, a.shape[0], 4):
         for c in range(0, a.shape[1], 4):
@@ -164,11 +182,11 @@ def _nm2d_reference(w: torch.Tensor) -> torch.Tensor:
                 if score > best_score:
                     best, best_score = p, score
             keep[r : r + 4, c : c + 4] = best.astype(bool)
-    return torch.from_numpy(keep.reshape(tuple(w.shape)))
+    return _from_chan_view(torch.from_numpy(keep), tuple(w.shape))
 
 
 def _assert_2d_valid(m: torch.Tensor) -> None:
-    v = m.reshape(m.shape[0], -1)
+    v = _chan_view(m)
     assert (v.reshape(-1, 4).sum(1) == 2).all()  # rows: 2 of each 4 along the inner dimension
     assert (v.t().reshape(-1, 4).sum(1) == 2).all()  # columns: w^T is 2:4 as well
 
@@ -199,10 +217,21 @@ def test_nm_mask_2d_chunk_boundaries(monkeypatch):
     assert torch.equal(masks.nm_mask_2d(w), _nm2d_reference(w))
 
 
-def test_nm_mask_2d_conv_uses_k_by_crs_view():
-    w = _ints((4, 2, 1, 2), seed=2)  # view (4, 4): columns are (c, s) with s fastest
+@pytest.mark.parametrize("shape", [(8, 16, 3, 3), (8, 16, 3)])
+def test_nm_mask_2d_conv_is_2to4_along_input_channels(shape):
+    """Appendix E.2: rows 2:4 along c at every kernel position, columns 2:4 along k."""
+    w = _normal(shape, seed=2)
     m = nm_mask_2d(w)
-    assert torch.equal(m.reshape(4, 4), _nm2d_reference(w.reshape(4, 4)))
+    along_c = m.movedim(1, -1).reshape(-1, 4).sum(1)  # groups of 4 consecutive input channels
+    along_k = m.movedim(0, -1).reshape(-1, 4).sum(1)  # groups of 4 consecutive output channels
+    assert (along_c == 2).all() and (along_k == 2).all()
+    assert torch.equal(m, _nm2d_reference(w))
+    # 1D and 2D are consistent: the 2D mask is a valid 1D 2:4 mask, and 1D groups the same weights
+    assert (nm_mask(w).movedim(1, -1).reshape(-1, 4).sum(1) == 2).all()
+    w_small = _ints((4, 4, 1, 2), seed=2)
+    assert torch.equal(nm_mask_2d(w_small), _from_chan_view(nm_mask_2d(_chan_view(w_small)), (4, 4, 1, 2)))
+    with pytest.raises(CorrtoolsError, match="input channels"):
+        nm_mask_2d(torch.randn(8, 2, 1, 2), name="conv.weight")  # (8, 4) view, but c = 2
 
 
 def _per_layer_mm_reference(w: torch.Tensor) -> torch.Tensor:
@@ -211,10 +240,10 @@ def _per_layer_mm_reference(w: torch.Tensor) -> torch.Tensor:
     rows = w.shape[0]
     R, C = rows // 4, w.numel() // rows // 4
     pats = patterns_2d().reshape(90, 16)
-    tiles = w.reshape(R, 4, C, 4).permute(1, 3, 0, 2).reshape(16, R * C).to(dtype).abs()
+    tiles = _chan_view(w).reshape(R, 4, C, 4).permute(1, 3, 0, 2).reshape(16, R * C).to(dtype).abs()
     best = np.argmax(torch.mm(pats.to(dtype), tiles).numpy(), axis=0)  # first maximum
     keep = pats[torch.from_numpy(best)]
-    return keep.reshape(R, C, 4, 4).transpose(1, 2).reshape(w.shape)
+    return _from_chan_view(keep.reshape(R, C, 4, 4).transpose(1, 2).reshape(4 * R, 4 * C), tuple(w.shape))
 
 
 _MANY_SHAPES = [(384, 128), (4, 4), (8, 12), (128, 512), (16, 8, 3, 3), (12, 16, 4), (64, 4, 1, 1)]
@@ -237,7 +266,7 @@ def test_nm_mask_2d_many_brute_force_and_ragged_chunks(monkeypatch):
     import corrtools.sparse.masks as masks
 
     monkeypatch.setattr(masks, "_TILES_PER_CHUNK", 5)  # chunks straddle the weights' boundaries
-    ws = [_ints((8, 12), seed=1), _normal((4, 8), seed=2), _ints((8, 2, 1, 2), seed=3)]
+    ws = [_ints((8, 12), seed=1), _normal((4, 8), seed=2), _ints((8, 4, 1, 2), seed=3)]
     ws += [_normal((12, 4), seed=4), _ints((8, 32), seed=5)]  # 8 tiles a strip: wider than a chunk
     for w, m in zip(ws, masks.nm_mask_2d_many(ws)):
         _assert_2d_valid(m)
@@ -281,7 +310,7 @@ def test_nm_mask_2d_misfit():
 
 # ---------------------------------------------------------------- blocks
 def _block_reference(w: torch.Tensor, density: float, b: int) -> torch.Tensor:
-    a = np.abs(w.numpy().reshape(w.shape[0], -1))
+    a = np.abs(_chan_view(w).numpy())
     R, C = a.shape[0] // b, a.shape[1] // b
     scores = [(a[i * b : (i + 1) * b, j * b : (j + 1) * b].max(), i * C + j) for i in range(R) for j in range(C)]
     k = kept_count(density, R * C)
@@ -290,7 +319,7 @@ def _block_reference(w: torch.Tensor, density: float, b: int) -> torch.Tensor:
     for idx in chosen:
         i, j = divmod(idx, C)
         keep[i * b : (i + 1) * b, j * b : (j + 1) * b] = True
-    return torch.from_numpy(keep.reshape(tuple(w.shape)))
+    return _from_chan_view(torch.from_numpy(keep), tuple(w.shape))
 
 
 @pytest.mark.parametrize("b", [1, 2, 4, 8])
@@ -305,8 +334,15 @@ def test_block_mask_brute_force(b, density, make):
 
 
 def test_block_mask_conv_and_errors():
-    w = _normal((8, 2, 2, 2), seed=1)
-    assert torch.equal(block_mask(w, 0.5, 4), _block_reference(w, 0.5, 4))
+    """On convs a block is b output x b consecutive input channels at one kernel position."""
+    w = _normal((8, 4, 2, 2), seed=1)
+    m = block_mask(w, 0.5, 4)
+    assert torch.equal(m, _block_reference(w, 0.5, 4))
+    for k0 in (0, 4):  # each (4 filters, 4 channels, position) block is all kept or all dropped
+        block = m[k0 : k0 + 4]
+        assert ((block.sum(dim=(0, 1)) == 0) | (block.sum(dim=(0, 1)) == 16)).all()
+    with pytest.raises(CorrtoolsError, match="input channels"):
+        block_mask(_normal((8, 2, 2, 2)), 0.5, 4)
     with pytest.raises(CorrtoolsError, match=r"fc\.weight.*\(12, 20\)"):
         block_mask(torch.randn(12, 20), 0.5, 8, name="fc.weight")
     with pytest.raises(CorrtoolsError, match="Block size"):
@@ -317,3 +353,47 @@ def test_masks_do_not_record_autograd():
     w = torch.randn(8, 8, requires_grad=True)
     for m in (topk_mask(w, 0.5), nm_mask(w), nm_mask_2d(w), block_mask(w, 0.5, 2)):
         assert not m.requires_grad and m.grad_fn is None
+
+
+# ---------------------------------------------------------------- non-finite weights (NaN ranks lowest)
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("cpu_select", [True, False])
+def test_topk_mask_nonfinite_keeps_exactly_k(monkeypatch, cpu_select):
+    import corrtools.sparse.masks as masks
+
+    monkeypatch.setattr(masks, "_CPU_SELECT", cpu_select)
+    w = torch.tensor([NAN, 0.5, NAN, -INF, 0.1, NAN, 2.0, NAN])
+    assert topk_mask(w, 0.25).tolist() == [False, False, False, True, False, False, True, False]
+    # threshold among the NaNs: keep every number, then the NaNs of lowest index
+    assert topk_mask(w, 6 / 8).tolist() == [True, True, True, True, True, False, True, False]
+    assert int(topk_mask(torch.full((10,), NAN), 0.3).sum()) == 3
+
+
+def test_nm_mask_nonfinite_keeps_exactly_n():
+    w = torch.tensor([[NAN, 1.0, 2.0, 3.0, INF, NAN, -INF, 0.0, NAN, NAN, NAN, 5.0]])
+    assert nm_mask(w).int().tolist() == [[0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1]]
+
+
+def test_nm_mask_2d_nonfinite_keeps_inf_and_drops_nan():
+    w = _normal((8, 8), seed=3)
+    w[0, 1], w[5, 6] = INF, -INF
+    w[2, 2] = NAN
+    m = nm_mask_2d(w)
+    _assert_2d_valid(m)
+    assert m[0, 1] and m[5, 6] and not m[2, 2]
+    big = torch.finfo(torch.float64).max
+    w2 = torch.full((4, 4), big, dtype=torch.float64)
+    w2[0, 0] = INF
+    m2 = nm_mask_2d(w2)  # huge finite sums stay finite: still a valid pattern keeping the inf
+    _assert_2d_valid(m2)
+    assert m2[0, 0]
+
+
+def test_block_mask_nonfinite():
+    w = _normal((8, 8), seed=4)
+    w[0, 0] = NAN  # its block ranks by its other values, never by NaN
+    w[4, 4] = INF
+    m = block_mask(w, 0.25, 4)
+    assert int(m.sum()) == 16 and bool(m[4, 4])

@@ -132,9 +132,13 @@ def test_conv_rules_for_2to4_and_misfit_warning():
         sp = Sparsifier(model, None, structure="2:4")
     assert sp.layer_names == ["2.weight", "3.weight", "5.weight"]
     assert len(caught) == 1 and "6.weight (16, 30)" in str(caught[0].message)
-    # unstructured keeps the first and depthwise convs
+    # the paper's rule for every structure (Appendix B.1): in_channels % 16 != 0 stays dense;
+    # unstructured keeps the depthwise conv (in_channels 16)
     sp2 = Sparsifier(_conv_net()[:4], None, structure="unstructured", include=["3"])
-    assert sp2.layer_names == ["0.weight", "1.weight", "2.weight", "3.weight"]
+    assert sp2.layer_names == ["1.weight", "2.weight", "3.weight"]
+    with pytest.warns(UserWarning, match=r"1\.weight \(16, 1, 3, 3\)"):
+        sp3 = Sparsifier(_conv_net()[:4], None, structure="block:4", include=["3"])
+    assert sp3.layer_names == ["2.weight", "3.weight"]  # 1: depthwise, c = 1 < 4 (misfit, warned)
 
 
 # ---------------------------------------------------------------- Algorithm 1's gradients
@@ -179,7 +183,7 @@ def test_loss_ignores_nonparticipating_weights():
 @pytest.mark.parametrize("structure", ["unstructured", "2:4", "2:4-2d", "block:4"])
 def test_masks_follow_weights_after_each_step(opt_kind, structure):
     model, opt = _make(opt=opt_kind)
-    sp = Sparsifier(model, opt, structure=structure, density=None)
+    sp = Sparsifier(model, opt, structure=structure, density=None, allocation="uniform")
     twin, twin_opt = _make(opt=opt_kind)  # dense run with the same masking done by hand
     twin_masks = {n: sp.masks[n] for n in SPARSE}
     flips = {n: 0 for n in SPARSE}
@@ -215,7 +219,7 @@ def test_masks_follow_weights_after_each_step(opt_kind, structure):
 
 def test_rewire_every_r_steps():
     model, opt = _make()
-    sp = Sparsifier(model, opt, density=0.25, rewire_every=3)
+    sp = Sparsifier(model, opt, density=0.25, rewire_every=3, allocation="uniform")
     history = [sp.masks["fc1.weight"]]
     for t in range(6):
         _train(model, opt, sp, 1, start=t)
@@ -228,7 +232,7 @@ def test_rewire_every_r_steps():
 
 def test_density_and_participating_fraction():
     model, opt = _make()
-    sp = Sparsifier(model, opt, density=0.3)
+    sp = Sparsifier(model, opt, density=0.3, allocation="uniform")
     _train(model, opt, sp, 2)
     n1, n2 = model.fc1.weight.numel(), model.fc2.weight.numel()
     k = kept_count(0.3, n1) + kept_count(0.3, n2)
@@ -412,11 +416,8 @@ def test_conv_model_trains_with_valid_masks(structure):
         nn.Flatten(), nn.Linear(16 * 4 * 4, 8),
     ).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    if structure == "block:2":  # the first conv is eligible but its (16, 27) view has no 2x2 tiling
-        with pytest.warns(UserWarning, match=r"0\.weight \(16, 3, 3, 3\)"):
-            sp = Sparsifier(model, opt, structure=structure, exploit=Reset(every=2))
-    else:  # 2:4 leaves the first conv (3 input channels) dense by default, silently
-        sp = Sparsifier(model, opt, structure=structure, exploit=Reset(every=2))
+    # every structure leaves the first conv (3 input channels) dense by default, silently
+    sp = Sparsifier(model, opt, structure=structure, exploit=Reset(every=2))
     assert sp.layer_names == ["2.weight"]
     for _ in range(3):
         model(torch.randn(2, 3, 4, 4, dtype=torch.float64)).square().mean().backward()
@@ -426,7 +427,7 @@ def test_conv_model_trains_with_valid_masks(structure):
     if structure == "2:4":
         assert (m.movedim(1, -1).reshape(-1, 4).sum(1) == 2).all()  # along input channels
     elif structure == "2:4-2d":
-        v = m.reshape(16, -1)  # the (k, c*r*s) view
+        v = m.permute(0, 2, 3, 1).reshape(16, -1)  # the (k, r*s*c) view: rows along input channels
         assert (v.reshape(-1, 4).sum(1) == 2).all() and (v.t().reshape(-1, 4).sum(1) == 2).all()
     assert torch.equal(m, sp.config.parsed_structure.mask(w, sp.config.density))
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)

@@ -55,13 +55,13 @@ def test_fix_zeroes_the_n_of_its_steps_forward_and_freezes():
 
 @pytest.mark.parametrize("structure", ["unstructured", "2:4", "2:4-2d", "block:4"])
 def test_reset_every_step_means_no_rewiring(structure):
-    """z = 1 is training without rewiring: n is 0 whenever the masks are recomputed."""
+    """z = 1 is training without rewiring: n is 0 whenever the masks are recomputed (40 steps)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sp = Sparsifier(model, opt, structure=structure, exploit=Reset(every=1))
     first = sp.masks
-    for _ in range(100):
+    for _ in range(40):
         model(torch.randn(8, 16)).square().mean().backward()
         opt.step(); sp.step(); opt.zero_grad()
     for name, mask in sp.masks.items():
@@ -70,16 +70,16 @@ def test_reset_every_step_means_no_rewiring(structure):
 
 
 def _adam_update_after(reset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """|update| of n at the step after a RESET at step 200 (or no reset), and its mask."""
+    """|update| of n at the step after a RESET at step 100 (or no reset), and its mask."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    exploit = Reset(every=200, reset_optimizer_state=True) if reset else None
+    exploit = Reset(every=100, reset_optimizer_state=True) if reset else None
     sp = Sparsifier(model, opt, density=0.5, exploit=exploit, rewire_every=10_000)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 32, generator=g), torch.randn(64, 1, generator=g)
-    for t in range(201):
-        if t == 200:
+    for t in range(101):
+        if t == 100:
             before = model[0].weight.detach().clone()
         F.mse_loss(model(x), y).backward()
         opt.step(); sp.step(); opt.zero_grad()
@@ -93,9 +93,10 @@ def test_reset_of_adam_state_injects_no_large_update():
     n = ~mask
     usual = plain_update[n].median()
     after = reset_update[n].median()
-    # Zeroing exp_avg_sq with Adam's step count going on made this ~17x the usual update.
-    assert after <= 1.5 * usual, (float(after / usual))
-    assert reset_update[n].max() <= 1.1e-3 * 1.5  # no weight moves much more than lr
+    # Zeroing exp_avg_sq with Adam's step count going on made this 1.6x the usual update here
+    # (2.7x after 200 steps, ~17x in the issue's setting); now it is ~0.1x: momentum restarts at 0.
+    assert after <= usual, float(after / usual)
+    assert reset_update[n].max() <= plain_update[n].max()
 
 
 def test_reset_of_state_zeroes_momentum_keeps_second_moments():
