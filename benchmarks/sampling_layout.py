@@ -15,6 +15,7 @@ treats weights as independent, so with runs its intervals are too narrow by abou
 sqrt(1 + 15 * icc).
 
     python benchmarks/sampling_layout.py              # the demo's 1500 steps, ~1-2 minutes on 2 cores
+    python benchmarks/sampling_layout.py --threads 1  # on a loaded machine
     python benchmarks/sampling_layout.py --quick      # a tiny version in seconds (used by the tests)
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from corrtools import Recorder
 from corrtools.analysis import delta_by_magnitude, delta_per_weight
@@ -57,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model and run: seconds, for tests")
     ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEMO_STEPS}, the demo's)")
     ap.add_argument("--sample", type=int, default=None, help=f"weights per matrix (default {DEMO_SAMPLE})")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         cfg = CharLMConfig(d_model=32, n_layer=1, n_head=2, seq_len=16, batch_size=4, steps=args.steps or 60,
                            text_bytes=50_000)
