@@ -420,6 +420,17 @@ class Recorder:
             "optimizer.step()"
         )
 
+    def flush(self) -> None:
+        """Write every row taken so far to the store and wait until it is on disk (e.g. when a
+        checkpoint is saved, so that a run resumed from it finds every row up to it). Losses for
+        steps already written can no longer be logged."""
+        self._raise_if_failed()
+        self._check_open()
+        cur = self._current
+        if cur is not None and cur.k > cur.flushed:
+            self._flush(cur)
+        self._wait_writer()
+
     def close(self) -> None:
         """Flush all rows, write ``final``, mark the store "complete" and release it. Idempotent."""
         self._shutdown(complete=True)

@@ -80,6 +80,7 @@ __all__ = [
     "read_group",
     "run_info",
     "shard_path",
+    "truncate_run",
     "write_group",
 ]
 
@@ -891,6 +892,39 @@ class RunWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.abandon()
+
+
+def truncate_run(path: PathLike, after_step: int) -> int:
+    """Drop the rows taken after optimizer step ``after_step`` and return how many were dropped.
+
+    For a run resumed from a checkpoint older than the store's last row: the rows after the
+    checkpoint belong to the abandoned continuation and would be recorded again. `step` is shrunk
+    first (it is the commit record), so a kill during truncation leaves a store that opens. When rows
+    are dropped the store becomes "recording" again (``final`` NaN, no ``total_steps``).
+    """
+    p = Location(path)
+    group = _open_group(p.url, mode="r+")
+    lock = _lock(p)
+    lock.acquire()
+    try:
+        step_arr = _array(group, STEP)
+        steps = np.asarray(step_arr[:], dtype=np.int64)
+        keep = int(np.searchsorted(steps, int(after_step), side="right"))
+        dropped = len(steps) - keep
+        if dropped:
+            step_arr.resize((keep,))
+            for arr in [_array(group, "values"), *_step_arrays(group).values()]:
+                if arr.shape[0] > keep:
+                    arr.resize((keep, *arr.shape[1:]))
+            final = _array(group, "final").with_config(_WRITE_ALL)  # a NaN chunk, not a deleted one
+            final[:] = np.full(final.shape, np.nan, dtype=np.float32)
+            attrs = dict(group.attrs)
+            attrs.pop("total_steps", None)
+            attrs["status"] = "recording"
+            group.attrs.put(attrs)
+    finally:
+        lock.release()
+    return dropped
 
 
 def _weight_arrays(
