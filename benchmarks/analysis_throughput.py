@@ -2,6 +2,7 @@
 
     python benchmarks/analysis_throughput.py            # T = 8192 steps x N = 32768 weights
     python benchmarks/analysis_throughput.py --quick    # a tiny version, seconds
+    python benchmarks/analysis_throughput.py --scheduler   # also on a 2-worker dask LocalCluster
     python benchmarks/analysis_throughput.py --threads 1,2   # also: how it scales with threads
 
 1. Builds a run store with `RunWriter` in a temporary folder (default chunking and codec): AR(1)
@@ -19,6 +20,11 @@
    measured in a process of its own.
 Prints weight-steps per second for both, their ratio and the peak memory; the last line is JSON.
 
+With ``--scheduler``: 4. starts a dask.distributed ``LocalCluster`` (2 worker processes x 1 thread,
+the machine's 2 cores) and times ``delta_by_magnitude(path, scheduler=client)`` in alternation with
+the in-process call in this process, on the same store, and reports each worker's peak resident
+memory beside the block budget.
+
 ``--checksum-cost`` also builds the same store without the crc32c checksum codec and times
 `delta_by_magnitude` on both, alternating, each in a fresh process (``--repeat`` times each).
 """
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import resource
 import shutil
 import subprocess
@@ -131,6 +139,44 @@ def naive_delta(x: np.ndarray, max_lag: int) -> np.ndarray:
     return delta
 
 
+def cluster_side_by_side(path: Path, T: int, N: int, rounds: int) -> dict:
+    """In process and on a 2-worker LocalCluster, alternating; weight-steps/s of each (best round)."""
+    from distributed import Client, LocalCluster
+
+    from corrtools.analysis.delta import _BLOCK_BYTES, delta_by_magnitude
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        delta_by_magnitude(str(path), progress=False, scheduler=client, n_boot=10)  # workers import corrtools
+        seconds: dict[str, list[float]] = {"in process": [], "LocalCluster": []}
+        results = {}
+        for r in range(rounds):
+            sides = list(seconds) if r % 2 == 0 else list(seconds)[::-1]
+            for side in sides:
+                t0 = time.perf_counter()
+                results[side] = delta_by_magnitude(
+                    str(path), progress=False, scheduler=client if side == "LocalCluster" else None
+                )
+                seconds[side].append(time.perf_counter() - t0)
+        peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    same = all(
+        np.array_equal(results["in process"][k].values, results["LocalCluster"][k].values, equal_nan=True)
+        for k in results["in process"].data_vars
+    )
+    rate = {side: T * N / min(s) for side, s in seconds.items()}
+    for side, s in seconds.items():
+        print(f"{side:>13}: best {min(s):.2f} s of {', '.join(f'{x:.2f}' for x in s)} -> {rate[side]:.3g} weight-steps/s")
+    ratio = rate["LocalCluster"] / rate["in process"]
+    print(f"LocalCluster / in process: {ratio:.2f}x (2 workers x 1 thread vs 1 process x 2 threads); same numbers: {same}")
+    print(
+        "peak memory per worker: " + ", ".join(f"{v / 1e9:.2f} GB" for v in peaks.values())
+        + f" (ru_maxrss, interpreter included; block budget {_BLOCK_BYTES / 1e6:.0f} MB per task)"
+    )
+    return {"cluster_weight_steps_per_s": rate["LocalCluster"], "in_process_weight_steps_per_s": rate["in process"],
+            "cluster_ratio": ratio, "same_numbers": same, "worker_peak_rss_bytes": list(peaks.values())}
+
+
 def _checksum_cost(tmp: Path, path: Path, T: int, N: int, repeat: int) -> None:
     """Time the analysis of `path` (with crc32c) and of the same data without it, alternating."""
     plain = tmp / "nocrc.zarr"
@@ -151,9 +197,11 @@ def main() -> None:
     ap.add_argument("--weights", type=int, default=32768)
     ap.add_argument("--naive-columns", type=int, default=128, help="columns timed with the naive loop")
     ap.add_argument("--quick", action="store_true", help="T=512, N=2048: runs in seconds")
+    ap.add_argument("--scheduler", action="store_true",
+                    help="also time the analysis on a 2-worker dask.distributed LocalCluster, beside in process")
     ap.add_argument("--threads", default=None, metavar="LIST",
                     help="also time the analysis at these thread counts, e.g. 1,2 (comma-separated)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of the thread-count alternation (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the --threads and --scheduler alternations (default 3)")
     ap.add_argument("--checksum-cost", action="store_true",
                     help="also time the analysis of the same store without the crc32c checksum")
     ap.add_argument("--repeat", type=int, default=3, help="analyses per store with --checksum-cost")
@@ -170,6 +218,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.weights, args.naive_columns = 512, 2048, 64
     T, N = args.steps, args.weights
+    load = os.getloadavg()[0]
+    print(f"load average (1 min) at start: {load:.2f}" + ("  -- the machine is loaded: timings are noisy" if load > 1.0 else ""))
     tmp = Path(tempfile.mkdtemp(prefix="corrtools-bench-"))
     try:
         path = tmp / "run.zarr"
@@ -220,11 +270,15 @@ def main() -> None:
                       f"ratio to threads={counts[0]}: {rate / base:.2f}   peak memory {peak_t / 1e9:.2f} GB")
         if args.checksum_cost:
             _checksum_cost(tmp, path, T, N, args.repeat)
-        print(json.dumps({
+        summary = {
             "T": T, "N": N, "seconds": fast["seconds"], "weight_steps_per_s": fast_rate,
             "naive_weight_steps_per_s": naive_rate, "ratio": ratio, "peak_rss_bytes": peak,
             "max_abs_delta_diff": agree, "threads": fast["threads"], "by_threads": by_threads,
-        }))
+            "load_at_start": load,
+        }
+        if args.scheduler:
+            summary.update(cluster_side_by_side(path, T, N, args.rounds))
+        print(json.dumps(summary))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -6,6 +6,8 @@ decompressed once), and each block is handed to the kernel in slices of a few hu
 memory is set by one block (``max_block_bytes``), not by the store. With a dask-backed dataset (e.g.
 ``open_run(path, chunks={"weight": 4096})``) the same kernel runs through
 ``xr.apply_ufunc(..., dask="parallelized")`` on whatever scheduler is active, and gives the same numbers.
+``scheduler=`` (an address, ``distributed.Client`` or ``LocalCluster``) runs it on a dask.distributed
+cluster, one task per block of store chunks (see ``analysis/cluster.py``).
 
 Threads. The slices of a block run on ``threads`` threads (default: the cores this process may use;
 see ``corrtools.analysis.threads``). Their working memory is split among them, so peak memory is
@@ -245,6 +247,7 @@ def delta_per_weight(
     progress: bool = True,
     max_block_bytes: int = _BLOCK_BYTES,
     threads: int | None = None,
+    scheduler: Any = None,
 ) -> xr.Dataset:
     """Δ of every selected weight: a Dataset over ``weight`` with ``delta`` (optimizer steps, float64),
     ``delta_over_T``, ``censored`` (bool) and the store's coords (param, index, initial, final).
@@ -253,6 +256,8 @@ def delta_per_weight(
     is in recorded rows (default: half the window). Censored weights carry Δ = max_lag (a lower bound),
     NaN means undefined (a constant window); see ``decorrelation_time``. ``dtype`` is the FFT precision
     (default float32 for the float32 store). ``progress`` shows a tqdm bar on the numpy path.
+    ``scheduler``: run on a dask.distributed cluster (an address such as ``"tcp://host:8786"``, a
+    ``Client`` or a ``LocalCluster``), one task per block of at most ``max_block_bytes``.
     ``threads``: see the module docstring (default all cores this process may use; ignored on the
     dask path). Peak memory ≈ ``max_block_bytes`` + 192 MiB, whatever ``threads``.
     """
@@ -260,7 +265,13 @@ def delta_per_weight(
     ds, cols, rows, lag = _analysis_selection(ds_or_path, params, window, detrend, max_lag)
     T_rows = rows.stop - rows.start
     values = ds["values"].isel(step=rows, weight=cols)
-    if values.chunks is not None:
+    if scheduler is not None:
+        from corrtools.analysis.cluster import chunk_for_cluster, client_for
+
+        values = chunk_for_cluster(ds["values"].isel(step=rows), cols, _weight_chunk(ds), max_block_bytes)
+        with client_for(scheduler) as client:
+            d_rows, cens = _delta_dask(values, lag, detrend, dtype, scheduler=client)
+    elif values.chunks is not None:
         d_rows, cens = _delta_dask(values, lag, detrend, dtype)
     else:
         d_rows, cens = _delta_numpy(ds, cols, rows, lag, detrend, dtype, progress, max_block_bytes, n_threads)
@@ -317,8 +328,11 @@ def _delta_numpy(
     return d, c
 
 
-def _delta_dask(values: xr.DataArray, lag: int, detrend: Detrend, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The dask path: Δ per weight through xr.apply_ufunc, step in one chunk."""
+def _delta_dask(
+    values: xr.DataArray, lag: int, detrend: Detrend, dtype: Any, scheduler: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dask path: Δ per weight through xr.apply_ufunc, step in one chunk, on ``scheduler``
+    (default: the active one)."""
     values = values.chunk({"step": -1})
     d, c = xr.apply_ufunc(
         _delta_rows,
@@ -329,7 +343,7 @@ def _delta_dask(values: xr.DataArray, lag: int, detrend: Detrend, dtype: Any) ->
         dask="parallelized",
         output_dtypes=[np.float64, np.bool_],
     )
-    both = xr.Dataset({"d": d, "c": c}).compute()  # one graph: the kernel runs once per chunk
+    both = xr.Dataset({"d": d, "c": c}).compute(scheduler=scheduler)  # one graph: one kernel call per chunk
     return np.asarray(both["d"].values), np.asarray(both["c"].values)
 
 
@@ -441,6 +455,7 @@ def delta_by_magnitude(
     progress: bool = True,
     max_block_bytes: int = _BLOCK_BYTES,
     threads: int | None = None,
+    scheduler: Any = None,
 ) -> xr.Dataset:
     """Median Δ per bin of final |w|, per parameter (the paper's Figure 1 as numbers).
 
@@ -452,13 +467,14 @@ def delta_by_magnitude(
     ``magnitude_quantile`` (param, quantile): quantiles of final |w| in steps of 0.5 %. Attrs record T,
     window, max_lag, detrend, binning. For per-weight Δ use ``delta_per_weight``; this function is
     ``summarize_by_magnitude(delta_per_weight(...))``. ``threads`` (default: the cores this process
-    may use) run the kernel and the bootstrap; the results do not depend on it.
+    may use) run the kernel and the bootstrap; the results do not depend on it. ``scheduler`` runs
+    the Δ on a dask.distributed cluster (see ``delta_per_weight``).
     """
     check_bins(bins, binning)  # before the work
     n_threads = resolve_threads(threads)
     per_weight = delta_per_weight(
         ds_or_path, params, window=window, max_lag=max_lag, detrend=detrend, dtype=dtype,
-        progress=progress, max_block_bytes=max_block_bytes, threads=n_threads,
+        progress=progress, max_block_bytes=max_block_bytes, threads=n_threads, scheduler=scheduler,
     )
     return summarize_by_magnitude(per_weight, bins=bins, binning=binning, ci=ci, n_boot=n_boot, seed=seed,
                                   threads=n_threads)

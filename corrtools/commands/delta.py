@@ -2,6 +2,7 @@
 
     corrtools delta run.zarr [-o delta.png] [--param NAME ...] [--bins 10] [--density 0.5]
                              [--window 0.5:1] [--detrend linear] [--threads N] [--csv out.csv | --json]
+                             [--scheduler tcp://HOST:8786]
 """
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="shade the weights removable at this density d (default 0.5)")
     p.add_argument("--ci", type=float, default=0.95, help="bootstrap interval level (default 0.95)")
     p.add_argument("--save", action="store_true", help="also write the results into the store as group 'delta'")
+    p.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="run on a dask.distributed cluster, e.g. tcp://10.0.0.5:8786 (its workers must "
+                        "reach the store's path or URL)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     out.add_argument("--json", action="store_true", help="print the table as JSON instead of text")
@@ -103,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         args.store, params=args.param, bins=args.bins, binning=args.binning, window=window,
         max_lag=args.max_lag, detrend=args.detrend, ci=args.ci, progress=not args.no_progress,
         threads=args.threads,
+        scheduler=args.scheduler,
     )
     plot_delta(res, args.output, density=args.density)
     for name in res.attrs.get("unanalysed", []):

@@ -49,8 +49,17 @@ def format_info(info: dict[str, Any]) -> str:
     width = max((len(k) for k in info["params"]), default=0)
     for name, count in info["params"].items():
         lines.append(f"  {name:<{width}}  {count}")
+    if info.get("ranks"):
+        lines.append(f"sharded     written by {len(info['ranks'])} ranks, each into its own part")
+    for gap in info.get("missing") or []:
+        cols = ", ".join(f"{name} ({count})" for name, count in gap["params"].items())
+        lines.append(
+            f"missing     rank {gap['rank']} committed {gap['steps_written']} of {gap['of']} steps; "
+            f"the later steps of its columns are missing: {cols}"
+        )
     ch = info["chunks"]
-    lines.append(f"chunks      {ch['step']} steps x {ch['weight']} weights, codecs {'+'.join(info['codecs'])}")
+    if ch:
+        lines.append(f"chunks      {ch['step']} steps x {ch['weight']} weights, codecs {'+'.join(info['codecs'])}")
     if info["optional"]:
         lines.append(f"also        {', '.join(info['optional'])}")
     if info["groups"]:

@@ -24,6 +24,14 @@ Loss. ``rec.log(loss=x)`` attaches ``x`` to the most recent optimizer step (call
 (previous row's step, s], NaN when none were logged; with ``every=1`` it is simply the loss of step
 s. ``lr`` (step,) float64 is ``param_groups[0]["lr"]`` of the attached optimizer when the row is
 taken, i.e. the rate used by that step (schedulers usually step after the optimizer).
+
+Distributed. Under ``torch.distributed`` (see ``record/distributed.py``): with replicated parameters
+(DDP; a ``DistributedDataParallel`` wrapper is looked through) rank 0 records a normal store and the
+other ranks get an idle Recorder that does nothing at all; with sharded parameters (FSDP2
+``fully_shard``) every rank records the sampled columns of its shard into its own part of one store.
+Every rank must then build the Recorder and close it at the same point of the program (both are
+collective: rank 0 creates the store before the others write, and marks it complete after all
+closed).
 """
 from __future__ import annotations
 
@@ -43,14 +51,19 @@ import torch
 from torch import nn
 
 from corrtools.errors import CorrtoolsError
+from corrtools.record._location import store_path
+from corrtools.record.distributed import barrier, broadcast_error, is_idle, local_tensor, role, unwrap
 from corrtools.record.sampling import ParamFilter, SampleSpec, plan_samples
 from corrtools.record.store import (
     PathLike,
     RunWriter,
     check_chunking,
     check_compressor,
+    create_sharded,
     default_chunks,
+    finish_sharded,
     open_run,
+    shard_path,
 )
 
 __all__ = ["Recorder"]
@@ -92,7 +105,9 @@ class _DeviceGroup:
 
 
 def _gather(p: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
-    """out (k,) float32 <- p.flatten()[idx] (index_select on the flat view is ~3x faster than take)."""
+    """out (k,) float32 <- p.flatten()[idx] (index_select on the flat view is ~3x faster than take);
+    of a sharded parameter, its local shard."""
+    p = local_tensor(p)
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
     if p.dtype == torch.float32:
         torch.index_select(flat, 0, idx, out=out)
@@ -151,6 +166,12 @@ class Recorder:
     _stage_on_cpu = False  # tests set it to run the device-buffer path on CPU
     _checksum = True  # benchmarks/recorder_overhead.py --checksum-cost turns it off to measure it
 
+    def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> Recorder:
+        # ranks other than 0 of a data-parallel run record nothing and pay nothing
+        if cls is Recorder and is_idle(model):
+            return super().__new__(_IdleRecorder)
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: nn.Module,
@@ -184,14 +205,23 @@ class Recorder:
         if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
             raise CorrtoolsError(f"start_step={start_step!r} must be a non-negative int (an optimizer step count)")
         if not isinstance(path, (str, os.PathLike)) or not str(path):
-            raise CorrtoolsError(f"path={path!r} must be a file-system path such as 'runs/run.zarr'")
-        self.path = Path(path)
+            raise CorrtoolsError(
+                f"path={path!r} must be a file-system path such as 'runs/run.zarr' or an fsspec URL such "
+                "as 's3://bucket/run.zarr'"
+            )
+        self.path = store_path(path)  # a Path, or an fsspec URL such as "s3://bucket/run.zarr"
         self.every = every
         self._queue_blocks = queue_blocks
         self._flush_every = None if flush_every is None else float(flush_every)
-        self.model = model
+        self.model = model = unwrap(model)
         self.plan = plan_samples(model, sample, params, seed)
         self._check_devices()
+        self._role = role(model, self.plan)
+        self._sharded = self._role is not None and self._role.sharded
+        all_names, all_index = self.plan.columns()
+        if self._sharded:
+            self._check_shardable(resume)
+            self.plan = self._role.local  # the columns in this rank's shard
         self._groups = self._device_groups()
         names, index = self.plan.columns()
         self.n_weights = len(index)
@@ -218,8 +248,12 @@ class Recorder:
                 "notes": list(self.plan.notes),
                 "skipped_params": list(self.plan.skipped),
             }
+            path = self.path
+            if self._sharded:
+                path = self._create_sharded(all_names, all_index, overwrite)
+                attrs["rank"] = self._role.rank
             self._writer = RunWriter.create(
-                self.path, param=names, index=index, initial=self._gather_final(), attrs=attrs,
+                path, param=names, index=index, initial=self._gather_final(), attrs=attrs,
                 chunk_steps=chunk_steps, overwrite=overwrite, compressor=self._resolve_compressor(compressor),
                 checksum=self._checksum,
             )
@@ -252,8 +286,34 @@ class Recorder:
         self._current: _Block | None = None
         self._current_prev = self._last_row_step
         self._flushed_at = time.monotonic()
-        self._thread = threading.Thread(target=self._write_loop, name=f"corrtools-writer:{self.path.name}", daemon=True)
+        name = str(self.path).rstrip("/").rsplit("/", 1)[-1]
+        self._thread = threading.Thread(target=self._write_loop, name=f"corrtools-writer:{name}", daemon=True)
         self._thread.start()
+
+    def _check_shardable(self, resume: bool) -> None:
+        """Errors every rank raises alike (so that none waits in a collective for the others)."""
+        if resume:
+            raise CorrtoolsError(
+                "resume=True is not supported for sharded parameters yet; record the resumed run into "
+                "a new path"
+            )
+        idle = sorted(set(range(self._role.world_size)) - {r for r, _, _ in self._role.segments})
+        if idle:
+            raise CorrtoolsError(
+                f"rank(s) {idle} hold none of the sampled weights of this sharded model; sample more "
+                "weights per parameter (or record more parameters)"
+            )
+
+    def _create_sharded(self, names: Sequence[str], index: np.ndarray, overwrite: bool) -> Path | str:
+        """Rank 0 creates the store's top, every rank then its part; returns this rank's part path."""
+        error = None
+        if self._role.rank == 0:
+            try:
+                create_sharded(self.path, names, index, self._role.segments, self._role.world_size, overwrite)
+            except CorrtoolsError as err:
+                error = str(err)
+        broadcast_error(error)
+        return shard_path(self.path, self._role.rank)
 
     def _resolve_compressor(self, compressor: str) -> str:
         """"auto": lz4 when every recorded parameter is on an accelerator (the CPU is idle there), else
@@ -332,6 +392,17 @@ class Recorder:
             f"loss for step {step} comes too late: its row is already written; log it right after "
             "optimizer.step()"
         )
+
+    def flush(self) -> None:
+        """Write every row taken so far to the store and wait until it is on disk (e.g. when a
+        checkpoint is saved, so that a run resumed from it finds every row up to it). Losses for
+        steps already written can no longer be logged."""
+        self._raise_if_failed()
+        self._check_open()
+        cur = self._current
+        if cur is not None and cur.k > cur.flushed:
+            self._flush(cur)
+        self._wait_writer()
 
     def close(self) -> None:
         """Flush all rows, write ``final``, mark the store "complete" and release it. Idempotent."""
@@ -498,6 +569,10 @@ class Recorder:
                 raise RuntimeError(f"corrtools Recorder: writing {self.path} failed: {self._error!r}") from self._error
             return
         self._writer.close(self._gather_final(), total_steps=self.step)
+        if self._sharded:  # complete only once every rank's part is
+            barrier()
+            if self._role.rank == 0:
+                finish_sharded(self.path, total_steps=self.step)
 
     def _raise_if_failed(self) -> None:
         err = self._error
@@ -517,7 +592,7 @@ class Recorder:
         with torch.no_grad():
             for g in self._groups:
                 for p, idx, a, b in g.entries:
-                    out[a:b] = torch.take(p, idx).float().cpu().numpy()
+                    out[a:b] = torch.take(local_tensor(p), idx).float().cpu().numpy()
         return out
 
     def _check_devices(self) -> None:
@@ -578,3 +653,32 @@ class Recorder:
                 f"recorded twice, pass start_step >= {last}"
             )
         return int(start_step)
+
+
+class _IdleRecorder(Recorder):
+    """The Recorder of a rank other than 0 in a data-parallel run: no sampling, buffers, thread,
+    optimizer hook or file; every call returns at once (``step`` still counts, for logging)."""
+
+    def __init__(self, model: nn.Module, path: PathLike, *args: Any, **kwargs: Any) -> None:
+        self.path = store_path(path)
+        self.model = model
+        self.step = 0
+        self._closed = False
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Recorder:
+        return self
+
+    def detach(self) -> None:
+        pass
+
+    def record(self, step: int | None = None, loss: float | torch.Tensor | None = None) -> None:
+        self.step = self.step + 1 if step is None else int(step)
+
+    def log(self, loss: float | torch.Tensor, step: int | None = None) -> None:
+        pass
+
+    def _shutdown(self, complete: bool, raise_errors: bool = True) -> None:
+        self._closed = True
+
+    def _wait_writer(self) -> None:
+        pass

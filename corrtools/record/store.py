@@ -32,6 +32,12 @@ racing for one new path end with one store and a lock message for the other, and
 replaces an existing run store only after the new one exists (the old one is renamed aside, the new
 one renamed in, then the old one deleted).
 
+Object stores. A path may be an fsspec URL (``s3://bucket/run.zarr``, ``memory://run.zarr``; see
+`_location`). There nothing can be renamed, so a store is built in place after its lock object is
+taken, ``overwrite=True`` deletes the old store first, and zarr writes each chunk as one atomic
+object (the direct chunk writer is local only). The commit order above is kept, so a writer killed
+mid-write leaves whole rows there too.
+
 Integrity. Every array carries a ``crc32c`` checksum after its codecs (Zarr v3's checksum codec), so
 a corrupted or truncated chunk fails to decode instead of giving other numbers, and `open_run`
 checks that every chunk of the committed rows exists (a missing chunk would read as fill values).
@@ -57,6 +63,7 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from corrtools.errors import CorrtoolsError, close_matches
+from corrtools.record._location import Location, ObjectLock, store_path
 from corrtools.record._lock import WriterLock
 
 __all__ = [
@@ -65,10 +72,14 @@ __all__ = [
     "check_chunking",
     "check_compressor",
     "check_new_store",
+    "create_sharded",
     "default_chunks",
+    "finish_sharded",
     "open_run",
     "read_group",
     "run_info",
+    "shard_path",
+    "truncate_run",
     "write_group",
 ]
 
@@ -81,6 +92,7 @@ _MAX_CHUNK_WEIGHTS = 16384
 _FILL = {"f": np.nan, "b": False, "i": -1, "u": 0}
 _COMPRESSORS = ("lz4", "zstd", "none")
 _WRITE_ALL = {"write_empty_chunks": True}  # a written row always has its chunk on disk (see _missing_chunks)
+_SHARDS = "shards"  # the subgroup holding the parts of a sharded store, one per rank
 
 PathLike = str | os.PathLike[str]
 
@@ -131,7 +143,7 @@ def _compressor(name: str) -> Any:
 
 
 # -------------------------------------------------------------------------------------- opening
-def _not_a_store(path: Path) -> CorrtoolsError:
+def _not_a_store(path: Location) -> CorrtoolsError:
     if not path.exists():
         return CorrtoolsError(
             f"no run store at {str(path)!r}; pass the path of a store written by corrtools.Recorder "
@@ -144,11 +156,11 @@ def _not_a_store(path: Path) -> CorrtoolsError:
 
 
 def _open_group(path: PathLike, mode: str = "r") -> zarr.Group:
-    p = Path(path)
-    if not (p / "zarr.json").is_file():
+    p = Location(path)
+    if not p.is_file("zarr.json"):
         raise _not_a_store(p)
     try:
-        group = zarr.open_group(str(p), mode=mode, zarr_format=3)
+        group = zarr.open_group(p.url, mode=mode, zarr_format=3)
         fmt = group.attrs.get("corrtools_format")
     except Exception as err:  # malformed metadata, a Zarr v2 store, ...
         raise _not_a_store(p) from err
@@ -233,7 +245,8 @@ def _step_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
 
 
 def _groups(group: zarr.Group) -> list[str]:
-    return sorted(n for n, node in _members(group).items() if isinstance(node, zarr.Group))
+    """The result groups (the parts of a sharded store are not results)."""
+    return sorted(n for n, node in _members(group).items() if isinstance(node, zarr.Group) and n != _SHARDS)
 
 
 # ------------------------------------------------------------------------------------ integrity
@@ -369,6 +382,18 @@ def _dask_rows(array: zarr.Array, n: int, dims: Sequence[str], chunks: Any) -> A
 
     native = tuple(array.chunks)
     shape = (n, *array.shape[1:])
+    norm = _chunk_spec(chunks, dims, native, shape, array.dtype)
+    checked = _Checked(array)
+    if n == array.shape[0]:
+        return da.from_array(checked, chunks=norm, lock=False, asarray=True, meta=np.empty((0,) * array.ndim, array.dtype))
+    full = da.from_array(checked, chunks=native, lock=False, asarray=True, meta=np.empty((0,) * array.ndim, array.dtype))
+    return full[:n].rechunk(norm)
+
+
+def _chunk_spec(chunks: Any, dims: Sequence[str], native: tuple[int, ...], shape: tuple[int, ...], dtype: Any) -> Any:
+    """`open_run`'s ``chunks`` argument as dask chunks for an array of `shape` stored in `native` chunks."""
+    import dask.array as da
+
     if chunks == "auto":
         spec: Any = "auto"
     elif isinstance(chunks, Mapping):
@@ -380,12 +405,7 @@ def _dask_rows(array: zarr.Array, n: int, dims: Sequence[str], chunks: Any) -> A
         spec = tuple(chunks.get(d, c) for d, c in zip(dims, native))
     else:
         raise CorrtoolsError(f"chunks={chunks!r} is not understood; use None, 'auto' or a dict like {{'weight': 4096}}")
-    norm = da.core.normalize_chunks(spec, shape=shape, dtype=array.dtype, previous_chunks=native)
-    checked = _Checked(array)
-    if n == array.shape[0]:
-        return da.from_array(checked, chunks=norm, lock=False, asarray=True, meta=np.empty((0,) * array.ndim, array.dtype))
-    full = da.from_array(checked, chunks=native, lock=False, asarray=True, meta=np.empty((0,) * array.ndim, array.dtype))
-    return full[:n].rechunk(norm)
+    return da.core.normalize_chunks(spec, shape=shape, dtype=dtype, previous_chunks=native)
 
 
 def _check_shapes(group: zarr.Group, n: int, core: Mapping[str, zarr.Array], arrays: Mapping[str, zarr.Array]) -> None:
@@ -418,6 +438,8 @@ def open_run(path: PathLike, chunks: None | str | Mapping[str, int] = None) -> x
     chunks) or a dict such as ``{"weight": 4096}`` give dask arrays.
     """
     group = _open_group(path)
+    if _SHARDS in group.attrs:
+        return _open_sharded(path, group, chunks)
     step_arr = _array(group, STEP)  # first: the other arrays are at least as long (commit order)
     n = int(step_arr.shape[0])
     core = {name: _array(group, name) for name in ("values", "param", "index", "initial", "final")}
@@ -452,8 +474,10 @@ def open_run(path: PathLike, chunks: None | str | Mapping[str, int] = None) -> x
 
 
 # ------------------------------------------------------------------------------------- writing
-def _lock(store: Path) -> WriterLock:
-    return WriterLock(store.joinpath(*_LOCK_PATH), f"run store {str(store)!r}")
+def _lock(store: Location | Path) -> WriterLock | ObjectLock:
+    if not isinstance(store, Location):
+        store = Location(store)
+    return store.lock(*_LOCK_PATH, what=f"run store {str(store)!r}")
 
 
 def _grown(array: zarr.Array, rows: int) -> zarr.Array:
@@ -541,8 +565,8 @@ class RunWriter:
     Not thread-safe: use it from one thread at a time.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, lock: WriterLock):
-        self.path = path
+    def __init__(self, path: Location, group: zarr.Group, lock: WriterLock | ObjectLock):
+        self.path = store_path(path.url)
         self._group = group
         self._lock = lock
         self._step = _array(group, STEP).with_config(_WRITE_ALL)
@@ -553,7 +577,8 @@ class RunWriter:
         self.n_steps = int(self._step.shape[0])
         self.last_step = int(self._step[self.n_steps - 1]) if self.n_steps else -1
         self.chunk_steps, self.chunk_weights = (int(c) for c in self._values.chunks)
-        self._direct = _DirectChunks.for_array(self._values, path / "values")
+        # object stores: zarr's own writes (one PUT per chunk, atomic)
+        self._direct = _DirectChunks.for_array(self._values, path.local / "values") if path.local else None
 
     # -------------------------------------------------------------------------- construction
     @classmethod
@@ -577,7 +602,7 @@ class RunWriter:
         renamed into place (see the module docstring): ``overwrite=True`` replaces an existing
         corrtools run store only once the new one exists, and never replaces anything else.
         ``checksum=False`` leaves out the crc32c codec (for measuring what it costs)."""
-        p = Path(path)
+        p = Location(path)
         index = np.asarray(index, dtype=np.int64).reshape(-1)
         initial = np.asarray(initial, dtype=np.float32).reshape(-1)
         n = len(index)
@@ -598,7 +623,24 @@ class RunWriter:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         user = _jsonable(dict(attrs or {}))
-        check_new_store(p, overwrite)
+        check_new_store(p.url, overwrite)
+
+        def build(where: str) -> None:
+            group = zarr.create_group(where, zarr_format=3, attributes={**user, **base})
+            group.create_array(
+                STEP, shape=(0,), chunks=(cs,), dtype="int64", fill_value=-1,
+                dimension_names=(STEP,), compressors=crc, config=_WRITE_ALL,
+            )
+            group.create_array(
+                "values", shape=(0, n), chunks=(cs, cw), dtype="float32", fill_value=np.nan,
+                dimension_names=(STEP, WEIGHT), compressors=codecs, config=_WRITE_ALL,
+                attributes={"coordinates": "param index initial final"},
+            )
+            _weight_arrays(group, param, index, initial, crc)
+
+        if p.local is None:  # an object store: no rename, build in place under the lock object
+            return cls._create_in_place(p, build, overwrite)
+        p = p.local
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -611,44 +653,33 @@ class RunWriter:
         lock = _lock(tmp)
         lock.acquire()
         try:
-            group = zarr.create_group(str(tmp), zarr_format=3, attributes={**user, **base})
-            group.create_array(
-                STEP, shape=(0,), chunks=(cs,), dtype="int64", fill_value=-1,
-                dimension_names=(STEP,), compressors=crc, config=_WRITE_ALL,
-            )
-            group.create_array(
-                "values", shape=(0, n), chunks=(cs, cw), dtype="float32", fill_value=np.nan,
-                dimension_names=(STEP, WEIGHT), compressors=codecs, config=_WRITE_ALL,
-                attributes={"coordinates": "param index initial final"},
-            )
-            for name, data, dtype, fill in (
-                ("param", None, str, ""),
-                ("index", index, "int64", -1),
-                ("initial", initial, "float32", np.nan),
-                ("final", None, "float32", np.nan),
-            ):
-                arr = group.create_array(
-                    name, shape=(n,), chunks=(min(n, 1 << 20),), dtype=dtype, fill_value=fill,
-                    dimension_names=(WEIGHT,), compressors=[*([] if dtype is str else crc)],
-                    config=_WRITE_ALL,
-                )
-                if name == "param":
-                    arr[:] = np.asarray([str(s) for s in param], dtype=object)
-                elif data is not None:
-                    arr[:] = data
+            build(str(tmp))
             _install(tmp, p, lock, overwrite)
         except BaseException:
             lock.release()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls(p, zarr.open_group(str(p), mode="r+", zarr_format=3), lock)
+        return cls(Location(p), zarr.open_group(str(p), mode="r+", zarr_format=3), lock)
+
+    @classmethod
+    def _create_in_place(cls, p: Location, build: Any, overwrite: bool) -> RunWriter:
+        if overwrite and p.exists():
+            p.remove()  # check_new_store found no writer; an object store cannot swap atomically
+        lock = _lock(p)
+        lock.acquire()
+        try:
+            build(p.url)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(p, zarr.open_group(p.url, mode="r+", zarr_format=3), lock)
 
     @classmethod
     def resume(cls, path: PathLike) -> RunWriter:
         """Reopen a store to append after its last committed step; status becomes "recording",
         `final` and `total_steps` are cleared, rows beyond the commit (from a killed run) dropped."""
-        p = Path(path)
-        group = _open_group(p, mode="r+")
+        p = Location(path)
+        group = _open_group(p.url, mode="r+")
         lock = _lock(p)
         lock.acquire()
         try:
@@ -656,7 +687,7 @@ class RunWriter:
             for arr in [_array(group, "values"), *_step_arrays(group).values()]:
                 if arr.shape[0] > n:
                     arr.resize((n, *arr.shape[1:]))
-            for leftover in p.rglob("*.partial"):  # temporaries of writes cut short by a kill
+            for leftover in p.local.rglob("*.partial") if p.local else ():  # writes cut short by a kill
                 leftover.unlink(missing_ok=True)
             final = _array(group, "final").with_config(_WRITE_ALL)  # a NaN chunk, not a deleted one
             final[:] = np.full(final.shape, np.nan, dtype=np.float32)
@@ -805,7 +836,65 @@ class RunWriter:
         self.abandon()
 
 
-def _is_run_store(p: Path) -> bool:
+def truncate_run(path: PathLike, after_step: int) -> int:
+    """Drop the rows taken after optimizer step ``after_step`` and return how many were dropped.
+
+    For a run resumed from a checkpoint older than the store's last row: the rows after the
+    checkpoint belong to the abandoned continuation and would be recorded again. `step` is shrunk
+    first (it is the commit record), so a kill during truncation leaves a store that opens. When rows
+    are dropped the store becomes "recording" again (``final`` NaN, no ``total_steps``).
+    """
+    p = Location(path)
+    group = _open_group(p.url, mode="r+")
+    lock = _lock(p)
+    lock.acquire()
+    try:
+        step_arr = _array(group, STEP)
+        steps = np.asarray(step_arr[:], dtype=np.int64)
+        keep = int(np.searchsorted(steps, int(after_step), side="right"))
+        dropped = len(steps) - keep
+        if dropped:
+            step_arr.resize((keep,))
+            for arr in [_array(group, "values"), *_step_arrays(group).values()]:
+                if arr.shape[0] > keep:
+                    arr.resize((keep, *arr.shape[1:]))
+            final = _array(group, "final").with_config(_WRITE_ALL)  # a NaN chunk, not a deleted one
+            final[:] = np.full(final.shape, np.nan, dtype=np.float32)
+            attrs = dict(group.attrs)
+            attrs.pop("total_steps", None)
+            attrs["status"] = "recording"
+            group.attrs.put(attrs)
+    finally:
+        lock.release()
+    return dropped
+
+
+def _weight_arrays(
+    group: zarr.Group, param: Sequence[str], index: np.ndarray, initial: np.ndarray | None, crc: list[Any]
+) -> None:
+    """The (weight,) arrays param, index, and (when `initial` is given) initial and final."""
+    n = len(index)
+    arrays = [("param", param, str, ""), ("index", index, "int64", -1)]
+    if initial is not None:
+        arrays += [("initial", initial, "float32", np.nan), ("final", None, "float32", np.nan)]
+    for name, data, dtype, fill in arrays:
+        arr = group.create_array(
+            name, shape=(n,), chunks=(min(n, 1 << 20),), dtype=dtype, fill_value=fill,
+            dimension_names=(WEIGHT,), compressors=[*([] if dtype is str else crc)], config=_WRITE_ALL,
+        )
+        if name == "param":
+            arr[:] = np.asarray([str(s) for s in param], dtype=object)
+        elif data is not None:
+            arr[:] = data
+
+
+def _is_run_store(p: Path | Location) -> bool:
+    if isinstance(p, Location):
+        try:
+            _open_group(p.url)
+            return True
+        except CorrtoolsError:
+            return False
     try:
         return "corrtools_format" in json.loads((p / "zarr.json").read_text()).get("attributes", {})
     except (OSError, ValueError, AttributeError):
@@ -814,13 +903,33 @@ def _is_run_store(p: Path) -> bool:
 
 def check_new_store(path: PathLike, overwrite: bool = False) -> None:
     """CorrtoolsError unless a new run store may be created at ``path``: nothing is there, or with
-    ``overwrite`` a corrtools run store that no writer holds (or an empty folder). Writes nothing."""
-    p = Path(path)
+    ``overwrite`` a corrtools run store that no writer holds (or an empty folder); of a sharded
+    store, no rank's part may be held either. Writes nothing."""
+    where = Location(path)
+    if where.local is None:
+        if not where.exists():
+            return
+        for part in [where, *_part_locations(where)]:
+            holder = _lock(part).holder()
+            if holder is not None:
+                raise _lock(part).busy(holder)
+        if not overwrite:
+            raise CorrtoolsError(
+                f"{where.url!r} already exists; pass overwrite=True to replace it or resume=True to continue it"
+            )
+        if _is_run_store(where):
+            return
+        raise CorrtoolsError(
+            f"{where.url!r} exists and is not a corrtools run store; refusing to replace it with "
+            "overwrite=True, delete it yourself or choose another path"
+        )
+    p = where.local
     if not (p.exists() or p.is_symlink()):
         return
-    holder = _lock(p).holder() if p.is_dir() else None
-    if holder is not None:
-        raise _lock(p).busy(holder)
+    for part in [p, *_part_locations(where)] if p.is_dir() else []:
+        holder = _lock(part).holder()
+        if holder is not None:
+            raise _lock(part).busy(holder)
     if not overwrite:
         raise CorrtoolsError(
             f"{str(p)!r} already exists; pass overwrite=True to replace it or resume=True to continue it"
@@ -909,15 +1018,17 @@ def read_group(path: PathLike, name: str) -> xr.Dataset:
 
 
 # ------------------------------------------------------------------------------------- info
-def _du(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name != _LOCK_PATH[-1])
+def _du(p: Location) -> int:
+    return p.size(skip=_LOCK_PATH[-1])
 
 
 def run_info(path: PathLike) -> dict[str, Any]:
     """A summary of a run store (what `corrtools info` prints): status, steps, parameters, chunking,
     size on disk (bytes), arrays, result groups, attrs."""
-    p = Path(path)
-    group = _open_group(p)
+    p = Location(path)
+    group = _open_group(p.url)
+    if _SHARDS in group.attrs:
+        return _sharded_info(p, group)
     step_arr = _array(group, STEP)
     n = int(step_arr.shape[0])
     core = {name: _array(group, name) for name in ("values", "param", "index", "initial", "final")}
@@ -952,5 +1063,251 @@ def run_info(path: PathLike) -> dict[str, Any]:
         "groups": _groups(group),
         "size_bytes": _du(p),
         "writer": _lock(p).holder(),
+        "attrs": attrs,
+    }
+
+
+# ---------------------------------------------------------------------------------- sharded stores
+# A store recorded from sharded parameters (record/distributed.py) is one group whose attrs carry
+# ``shards = {"world_size": W, "segments": [[rank, start, stop], ...]}``: the N columns in store
+# order, each range [start, stop) owned by one rank. The top holds ``param`` and ``index`` (N,);
+# every rank r writes its own columns, concatenated in store order, as a complete run store in the
+# subgroup ``shards/r<r>`` (its own step, values, initial, final, lock and commit record), so ranks
+# never write the same chunk. `open_run` shows the rows every part has committed, as one (step,
+# weight) dataset equal to a single process's recording; `run_info` names the columns of parts that
+# are behind (a rank that died).
+def shard_path(path: PathLike, rank: int) -> Path | str:
+    """Where rank `rank` writes its part of the sharded store at `path` (a `RunWriter.create` path)."""
+    return store_path(Location(path).join(_SHARDS, f"r{int(rank)}").url)
+
+
+def _part_locations(p: Location) -> list[Location]:
+    if p.local is not None:
+        return [Location(q) for q in sorted(p.local.joinpath(_SHARDS).glob("r*"))]
+    return [p.join(_SHARDS, f"r{r}") for r in range(_world_size(p))]
+
+
+def _world_size(p: Location) -> int:
+    try:
+        return int(zarr.open_group(p.url, mode="r").attrs.get(_SHARDS, {}).get("world_size", 0))
+    except Exception:  # no store there, or not a sharded one
+        return 0
+
+
+def create_sharded(
+    path: PathLike,
+    param: Sequence[str],
+    index: np.ndarray,
+    segments: Sequence[tuple[int, int, int]],
+    world_size: int,
+    overwrite: bool = False,
+) -> None:
+    """Create the top of a sharded store (rank 0, before any rank creates its part): `param` (N,),
+    `index` (N,) and the owner of each column range, `segments` [(rank, start, stop), ...]."""
+    p = Location(path)
+    index = np.asarray(index, dtype=np.int64).reshape(-1)
+    n = len(index)
+    spans = [(int(r), int(a), int(b)) for r, a, b in segments]
+    if len(param) != n or n == 0 or [a for _, a, _ in spans] != [0, *[b for _, _, b in spans[:-1]]] or spans[-1][2] != n:
+        raise CorrtoolsError(  # pragma: no cover - built by record/distributed.py
+            f"segments {spans[:4]}... do not cover the {n} columns in order; pass consecutive ranges"
+        )
+    check_new_store(p.url, overwrite)
+    if overwrite and p.exists():  # no writer holds it (checked); a sharded store is not renamed in
+        p.remove()
+    attrs = {
+        "corrtools_format": FORMAT,
+        "status": "recording",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        _SHARDS: {"world_size": int(world_size), "segments": [list(s) for s in spans]},
+    }
+    group = zarr.create_group(p.url, zarr_format=3, attributes=attrs)
+    _weight_arrays(group, param, index, None, [zarr.codecs.Crc32cCodec()])
+    group.create_group(_SHARDS)
+
+
+def finish_sharded(path: PathLike, total_steps: int) -> None:
+    """Mark a sharded store "complete" (rank 0, after every rank closed its part)."""
+    group = _open_group(path, mode="r+")
+    group.attrs.update({"status": "complete", "total_steps": int(total_steps)})
+
+
+class _Parts:
+    """The parts of a sharded store: each rank's group (None if it never wrote one), the rows all
+    of them committed, and for each column segment where its columns sit in the owner's part."""
+
+    def __init__(self, path: PathLike, group: zarr.Group):
+        spec = group.attrs[_SHARDS]
+        self.world = int(spec["world_size"])
+        self.groups: dict[int, zarr.Group | None] = {}
+        for r in range(self.world):
+            try:
+                self.groups[r] = _open_group(shard_path(path, r))
+            except CorrtoolsError:
+                self.groups[r] = None
+        self.rows = {r: (int(_array(g, STEP).shape[0]) if g is not None else 0) for r, g in self.groups.items()}
+        self.n = min(self.rows.values())
+        self.segments = []  # (rank, start, stop, local start)
+        local = dict.fromkeys(range(self.world), 0)
+        for r, a, b in spec["segments"]:
+            self.segments.append((int(r), int(a), int(b), local[r]))
+            local[r] += b - a
+        self.n_weights = int(spec["segments"][-1][2])
+
+    def weights(self, name: str) -> np.ndarray:
+        """A (weight,) float32 array (initial, final) gathered from the parts; NaN for missing ones."""
+        out = np.full(self.n_weights, np.nan, dtype=np.float32)
+        for r, a, b, la in self.segments:
+            g = self.groups[r]
+            if g is not None:
+                out[a:b] = _read(_array(g, name), slice(la, la + b - a))
+        return out
+
+    def columns(self, name: str) -> list[tuple[zarr.Array, int, int, int]]:
+        """(owner's array `name`, start, stop, local start) per segment."""
+        return [(_array(self.groups[r], name), a, b, la) for r, a, b, la in self.segments]
+
+
+class _LazyColumns(BackendArray):
+    """The first `n` rows of (step, weight) data spread over the parts' arrays, lazily indexed."""
+
+    def __init__(self, columns: list[tuple[zarr.Array, int, int, int]], n: int, n_weights: int):
+        self._columns = columns
+        self.shape = (n, n_weights)
+        self.dtype = columns[0][0].dtype
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.OUTER, self._raw_getitem
+        )
+
+    def _raw_getitem(self, key: tuple) -> np.ndarray:
+        rows, cols = key
+        if isinstance(rows, slice):
+            rows = slice(*rows.indices(self.shape[0]))
+        scalar = isinstance(cols, (int, np.integer))
+        want = np.arange(self.shape[1])[cols].reshape(-1)
+        n_rows = len(range(*rows.indices(self.shape[0]))) if isinstance(rows, slice) else np.size(rows)
+        out = np.empty((n_rows, want.size), dtype=self.dtype)
+        for arr, a, b, la in self._columns:
+            hit = np.nonzero((want >= a) & (want < b))[0]
+            if not hit.size:
+                continue
+            local = want[hit] - a + la
+            contiguous = np.array_equal(local, np.arange(local[0], local[0] + local.size))
+            sel = slice(int(local[0]), int(local[0]) + local.size) if contiguous else local
+            block = _read(arr, (rows, sel), outer=True).reshape(n_rows, -1)
+            if contiguous and np.array_equal(hit, np.arange(hit[0], hit[0] + hit.size)):
+                out[:, hit[0] : hit[0] + hit.size] = block
+            else:
+                out[:, hit] = block
+        if isinstance(rows, (int, np.integer)):
+            out = out[0]
+        return out[..., 0] if scalar else out
+
+
+def _sharded_data(parts: _Parts, name: str, chunks: Any) -> Any:
+    """(n, N) data of the 2-D step array `name` from the parts: lazy numpy, or dask (chunks)."""
+    columns = parts.columns(name)
+    if chunks is None:
+        return indexing.LazilyIndexedArray(_LazyColumns(columns, parts.n, parts.n_weights))
+    import dask.array as da
+
+    pieces = [
+        da.from_array(_Checked(arr), chunks=arr.chunks, lock=False, asarray=True,
+                      meta=np.empty((0, 0), arr.dtype))[: parts.n, la : la + b - a]
+        for arr, a, b, la in columns
+    ]
+    whole = da.concatenate(pieces, axis=1)
+    native = tuple(int(c) for c in columns[0][0].chunks)
+    return whole.rechunk(_chunk_spec(chunks, (STEP, WEIGHT), native, whole.shape, whole.dtype))
+
+
+def _open_sharded(path: PathLike, group: zarr.Group, chunks: Any) -> xr.Dataset:
+    parts = _Parts(path, group)
+    n = parts.n
+    first = parts.groups[0]
+    steps = _read(_array(first, STEP), slice(0, n)).astype(np.int64) if first is not None else np.zeros(0, np.int64)
+    for r, g in parts.groups.items():
+        if g is not None:  # each part's committed rows have all their chunks
+            _check_chunks(g, parts.rows[r], {STEP: _array(g, STEP), **_step_arrays(g)})
+        if g is not None and not np.array_equal(_read(_array(g, STEP), slice(0, n)), steps):
+            raise CorrtoolsError(
+                f"the parts of {str(path)!r} recorded different steps (rank {r} differs from rank 0); "
+                "the store is damaged, record it again"
+            )
+    coords = {
+        STEP: (STEP, steps),
+        "param": (WEIGHT, _strings(_read(_array(group, "param"), slice(None)))),
+        "index": (WEIGHT, _read(_array(group, "index"), slice(None)).astype(np.int64)),
+        "initial": (WEIGHT, parts.weights("initial")),
+        "final": (WEIGHT, parts.weights("final")),
+    }
+    data_vars: dict[Hashable, xr.Variable] = {}
+    if first is not None and n:
+        for name, arr in sorted(_step_arrays(first).items(), key=lambda kv: (kv[0] != "values", kv[0])):
+            dims = tuple(arr.metadata.dimension_names)
+            if arr.ndim == 1:  # per-step data (loss, lr): rank 0's
+                data: Any = _read(arr, slice(0, n))
+            else:
+                data = _sharded_data(parts, name, chunks)
+            var = xr.Variable(dims, data, attrs=dict(arr.attrs))
+            var.encoding = {"chunks": tuple(arr.chunks), "preferred_chunks": dict(zip(dims, arr.chunks))}
+            data_vars[name] = var
+    else:  # no row committed by every rank
+        data_vars["values"] = xr.Variable((STEP, WEIGHT), np.zeros((0, parts.n_weights), np.float32))
+    top = dict(group.attrs)
+    attrs = {**(dict(first.attrs) if first is not None else {}), **top}
+    attrs.pop("rank", None)
+    attrs["steps_written"] = n
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _sharded_info(p: Location, group: zarr.Group) -> dict[str, Any]:
+    parts = _Parts(p.url, group)
+    ds = _open_sharded(p.url, group, None)
+    names = np.asarray(ds["param"].values)
+    params: dict[str, int] = {}
+    for name in names.tolist():
+        params[name] = params.get(name, 0) + 1
+    most = max(parts.rows.values())
+    ranks, missing = [], []
+    for r, g in parts.groups.items():
+        ranks.append({
+            "rank": r, "steps_written": parts.rows[r],
+            "status": g.attrs.get("status") if g is not None else "never created",
+            "writer": _lock(Location(shard_path(p.url, r))).holder() if g is not None else None,
+        })
+        if parts.rows[r] < most:
+            cols: dict[str, int] = {}
+            for owner, a, b, _ in parts.segments:
+                if owner == r:
+                    for name in names[a:b].tolist():
+                        cols[name] = cols.get(name, 0) + 1
+            missing.append({"rank": r, "steps_written": parts.rows[r], "of": most, "params": cols})
+    first = parts.groups[0]
+    values = _array(first, "values") if first is not None else None
+    attrs = dict(ds.attrs)
+    attrs.pop("steps_written", None)
+    n = parts.n
+    writers = [f"rank {x['rank']}: {x['writer']}" for x in ranks if x["writer"]]
+    return {
+        "path": str(p),
+        "status": attrs.get("status"),
+        "format": attrs.get("corrtools_format"),
+        "steps_written": n,
+        "step_first": int(ds["step"].values[0]) if n else None,
+        "step_last": int(ds["step"].values[-1]) if n else None,
+        "total_steps": attrs.get("total_steps"),
+        "n_weights": parts.n_weights,
+        "params": params,
+        "chunks": {"step": int(values.chunks[0]), "weight": int(values.chunks[1])} if values is not None else {},
+        "codecs": [c.to_dict().get("name") for c in values.metadata.codecs] if values is not None else [],
+        "optional": sorted(set(ds.data_vars) - {"values"}),
+        "groups": _groups(group),
+        "size_bytes": _du(p),
+        "writer": "; ".join(writers) or None,
+        "ranks": ranks,
+        "missing": missing,
         "attrs": attrs,
     }
