@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,dask,distributed,s3,lightning,hf]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,dask,distributed,s3,lightning,hf,experiments]"
 	touch $@
 
 .PHONY: setup demo test bench
