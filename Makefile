@@ -7,14 +7,14 @@ PY     := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,dask,distributed,s3]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,dask,distributed,s3,lightning,hf,experiments]"
 	touch $@
 
 .PHONY: setup demo test bench
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/corrtools demo
+	$(VENV)/bin/corrtools demo --overwrite  # replaces runs/demo.zarr only if it is a run store
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

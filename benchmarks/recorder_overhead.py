@@ -1,6 +1,10 @@
-"""Recorder overhead on the built-in workload, measured side by side in one process.
+"""Recorder overhead on a CPU workload, measured side by side in one process.
 
-Trains one CharLM workload in alternating blocks of steps, rotating through four modes:
+Trains one workload in alternating blocks of steps, rotating through four modes. Workloads
+(``--workload``): ``charlm``, the built-in CharLM (d_model=128, 2 layers, ~19 ms per step here), with
+~10^4 / ~10^5 weights sampled as one fraction of every weight matrix; ``mlp``, an MLP 512→1024→1024→512
+(ReLU, AdamW, batches of 64 of a random regression task, ~10 ms per step here) with 10^4 / 10^5 weights
+split evenly over its three matrices (~3,300 / ~34,000 each). Modes:
 
     none          no recorder
     recorder_1e4  corrtools.Recorder with ~10^4 sampled weights per step
@@ -14,12 +18,18 @@ every block handed to it, so background writing is charged to the mode that caus
 time of a mode is the median over rounds of its blocks' mean step time (wall clock, including the
 wait for the writer). Prints a table and the ratios to no recorder; ``cpu_ms`` is the CPU time of the
 whole process per step (training, the writer thread, zarr's threads), a figure less sensitive to
-other load on the machine than the wall clock. Goal: recorder_1e5 overhead <= 3%, and >= 10x less overhead than naive_1e5.
+other load on the machine than the wall clock; ``extra_us`` is the step time over no recorder in
+microseconds, ``hook_us`` the median time of the Recorder's own per-step work (the gather into the
+host block, inside the optimizer hook) and ``write_us`` the writer thread's CPU time per row.
+Goal: recorder_1e5 overhead <= 3% and recorder_1e4 <= 1% on both workloads, and >= 10x less overhead
+than naive_1e5. ``--uniform`` adds the mode ``uniform_1e5``: recorder_1e5 with ``layout="uniform"``
+(single weights) instead of the default runs of 16.
 
 ``--checksum-cost`` adds the mode ``nocrc_1e5``: recorder_1e5 without the crc32c checksum codec
 that every store carries, and prints what the checksum costs per step.
 
     python benchmarks/recorder_overhead.py           # full: ~1-2 minutes on 2 cores
+    python benchmarks/recorder_overhead.py --workload mlp
     python benchmarks/recorder_overhead.py --quick   # a tiny version in seconds (used by the tests)
     python benchmarks/recorder_overhead.py --checksum-cost   # also without the checksum
 """
@@ -30,7 +40,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,11 +54,58 @@ from corrtools.record.store import _compressor, default_chunks
 from corrtools.workloads import CharLMConfig, CharLMWorkload
 
 
+class MLPWorkload:
+    """An MLP ``widths[0]→...→widths[-1]`` (ReLU between), AdamW, regression onto a fixed random
+    teacher ``tanh(x @ W)`` with fresh Gaussian inputs of ``batch`` rows every step."""
+
+    def __init__(self, widths: tuple[int, ...] = (512, 1024, 1024, 512), batch: int = 64, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        layers: list[torch.nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        self.model = torch.nn.Sequential(*layers[:-1])
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.widths, self.batch = widths, batch
+        self._gen = torch.Generator().manual_seed(seed + 1)
+        self._teacher = torch.randn(widths[0], widths[-1], generator=self._gen) / widths[0] ** 0.5
+
+    def train_step(self, after_step: Callable[[], None] | None = None) -> float:
+        x = torch.randn(self.batch, self.widths[0], generator=self._gen)  # (B, in)
+        loss = torch.nn.functional.mse_loss(self.model(x), torch.tanh(x @ self._teacher))
+        loss.backward()
+        self.optimizer.step()
+        if after_step is not None:
+            after_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+class _Timed(Recorder):
+    """A Recorder that keeps the duration of its per-step work (wall) and of its writes (writer CPU)."""
+
+    def _start(self) -> None:
+        self.hook_s: list[float] = []
+        self.write_cpu_s = 0.0
+        self.rows_written = 0
+        super()._start()
+
+    def _take_row(self, step: int, lr: float) -> None:
+        t0 = time.perf_counter()
+        super()._take_row(step, lr)
+        self.hook_s.append(time.perf_counter() - t0)
+
+    def _write_block(self, block: Any, lo: int, hi: int, event: Any) -> None:
+        c0 = time.thread_time()
+        super()._write_block(block, lo, hi, event)
+        self.write_cpu_s += time.thread_time() - c0
+        self.rows_written += max(hi - lo, 0)
+
+
 class NaiveRecorder:
     """The straightforward recorder: per step, copy each sampled parameter to numpy and append a row."""
 
-    def __init__(self, model: torch.nn.Module, path: Path, fraction: float, seed: int = 0) -> None:
-        plan = plan_samples(model, sample=fraction, seed=seed)
+    def __init__(self, model: torch.nn.Module, path: Path, sample: int | float, seed: int = 0) -> None:
+        plan = plan_samples(model, sample=sample, seed=seed)
         params = dict(model.named_parameters())
         self.entries = [(params[s.name], torch.as_tensor(s.index)) for s in plan.samples]
         n = plan.n_weights
@@ -59,20 +118,45 @@ class NaiveRecorder:
         self.array.append(row[None, :])
 
 
-class _NoChecksum(Recorder):
+class _NoChecksum(_Timed):
     _checksum = False
 
 
-def _fraction(model: torch.nn.Module, target: int) -> float:
-    total = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and p.is_floating_point())
-    return min(1.0, target / total)
+def _crc_alone(n_weights: int, step_s: float, rows: int = 64) -> str:
+    """CPU time of the checksum alone (google_crc32c, what zarr's crc32c codec calls) per recorded row."""
+    import google_crc32c
+
+    data = np.random.default_rng(0).normal(size=(rows, n_weights)).astype(np.float32).tobytes()
+    reps = 20
+    c0 = time.process_time()
+    for _ in range(reps):
+        google_crc32c.value(data)
+    per_row = (time.process_time() - c0) / reps / rows
+    return (f"crc32c alone: {per_row * 1e3:.3f} ms CPU per row of {n_weights} weights "
+            f"({len(data) / rows / per_row / 1e9:.1f} GB/s), {per_row / step_s * 100:.2f}% of a no-recorder step")
+
+
+def _matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.dim() >= 2 and p.is_floating_point()]
+
+
+def _sample(model: torch.nn.Module, target: int, per_matrix: bool) -> int | float:
+    """The Recorder's ``sample`` for ~target weights: an even count per matrix, or one fraction."""
+    mats = _matrices(model)
+    if per_matrix:
+        return -(-target // len(mats))
+    return min(1.0, target / sum(p.numel() for p in mats))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model and blocks: seconds, for tests")
-    ap.add_argument("--rounds", type=int, default=None, help="blocks per mode (default 6; quick 2)")
-    ap.add_argument("--block", type=int, default=None, help="steps per block (default 80; quick 10)")
+    ap.add_argument("--workload", default="charlm", choices=("charlm", "mlp"),
+                    help="charlm (default): the built-in CharLM; mlp: MLP 512-1024-1024-512, AdamW, batch 64")
+    ap.add_argument("--rounds", type=int, default=None, help="blocks per mode (default charlm 5, mlp 8; quick 2)")
+    ap.add_argument("--block", type=int, default=None, help="steps per block (default charlm 80, mlp 60; quick 10)")
+    ap.add_argument("--uniform", action="store_true",
+                    help="add the mode uniform_1e5: recorder_1e5 with layout='uniform' (single weights)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's; quick: 1). On a loaded 2-core machine "
                          "2 threads can stall for ~0.4 s per step; 1 thread is then the meaningful setting")
@@ -83,28 +167,37 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
+    mlp = args.workload == "mlp"
     if args.quick:
-        cfg = CharLMConfig(d_model=32, n_layer=1, n_head=2, seq_len=16, batch_size=4, steps=10_000,
-                           text_bytes=50_000)
         targets = {"recorder_1e4": 1_000, "recorder_1e5": 10_000}
         rounds, block = args.rounds or 2, args.block or 10
     else:
-        cfg = CharLMConfig(steps=100_000)  # the default workload: d_model=128, 2 layers, ~426k matrix weights
         targets = {"recorder_1e4": 10_000, "recorder_1e5": 100_000}
-        rounds, block = args.rounds or 5, args.block or 80
-    wl = CharLMWorkload(cfg)
-    n_matrix = sum(p.numel() for p in wl.model.parameters() if p.dim() >= 2)
+        rounds, block = args.rounds or (8 if mlp else 5), args.block or (60 if mlp else 80)
+    wl: Any
+    if mlp:
+        wl = MLPWorkload((64, 128, 128, 64), batch=16) if args.quick else MLPWorkload()
+        title = f"MLP {'-'.join(map(str, wl.widths))} batch {wl.batch} AdamW"
+    else:
+        cfg = (CharLMConfig(d_model=32, n_layer=1, n_head=2, seq_len=16, batch_size=4, steps=10_000, text_bytes=50_000)
+               if args.quick else CharLMConfig(steps=100_000))  # the default: d_model=128, 2 layers
+        wl = CharLMWorkload(cfg)
+        title = f"CharLM d_model={cfg.d_model} n_layer={cfg.n_layer}"
+    n_matrix = sum(p.numel() for p in _matrices(wl.model))
     tmp = tempfile.TemporaryDirectory(prefix="corrtools-bench-")
     root = Path(tmp.name)
+    sample = {mode: _sample(wl.model, t, per_matrix=mlp) for mode, t in targets.items()}
     recorders = {
-        mode: Recorder(wl.model, root / f"{mode}.zarr", sample=_fraction(wl.model, t), seed=0,
-                       compressor=args.compressor)
-        for mode, t in targets.items()
+        mode: _Timed(wl.model, root / f"{mode}.zarr", sample=sample[mode], seed=0, compressor=args.compressor)
+        for mode in targets
     }
+    if args.uniform:
+        recorders["uniform_1e5"] = _Timed(wl.model, root / "uniform_1e5.zarr", sample=sample["recorder_1e5"], seed=0,
+                                          compressor=args.compressor, layout="uniform")
     if args.checksum_cost:
         recorders["nocrc_1e5"] = _NoChecksum(wl.model, root / "nocrc_1e5.zarr", seed=0, compressor=args.compressor,
-                                             sample=_fraction(wl.model, targets["recorder_1e5"]))
-    naive = NaiveRecorder(wl.model, root / "naive.zarr", _fraction(wl.model, targets["recorder_1e5"]))
+                                             sample=sample["recorder_1e5"])
+    naive = NaiveRecorder(wl.model, root / "naive.zarr", sample["recorder_1e5"])
     weights = {"none": 0, **{m: r.n_weights for m, r in recorders.items()},
                "naive_1e5": naive.array.shape[1]}
     modes = ["none", *recorders, "naive_1e5"]
@@ -129,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             cpu[mode].append((time.process_time() - c0) / block)
     for rec in recorders.values():
         rec.close()
+    hook = {m: statistics.median(r.hook_s) for m, r in recorders.items()}
+    write = {m: r.write_cpu_s / max(r.rows_written, 1) for m, r in recorders.items()}
     sizes = {m: sum(f.stat().st_size for f in (root / f"{m}.zarr").rglob("*") if f.is_file())
              for m in recorders}
     tmp.cleanup()
@@ -136,21 +231,25 @@ def main(argv: list[str] | None = None) -> int:
     step = {m: statistics.median(v) for m, v in times.items()}
     proc = {m: statistics.median(v) for m, v in cpu.items()}
     base = step["none"]
-    print(f"recorder overhead: CharLM d_model={cfg.d_model} n_layer={cfg.n_layer} ({n_matrix} matrix weights), "
+    print(f"recorder overhead: {title} ({n_matrix} matrix weights), "
           f"{rounds} rounds x {block} steps per mode, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'mode':<14}{'weights':>9}{'step_ms':>10}{'ratio':>8}{'cpu_ms':>9}")
+          f"{torch.get_num_threads()} threads, load {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    print(f"{'mode':<14}{'weights':>9}{'step_ms':>10}{'ratio':>8}{'cpu_ms':>9}{'extra_us':>10}{'hook_us':>9}{'write_us':>10}")
     for m in modes:
-        print(f"{m:<14}{weights[m]:>9}{step[m] * 1e3:>10.3f}{step[m] / base:>8.3f}{proc[m] * 1e3:>9.3f}")
+        h = f"{hook[m] * 1e6:>9.0f}{write[m] * 1e6:>10.0f}" if m in recorders else f"{'-':>9}{'-':>10}"
+        print(f"{m:<14}{weights[m]:>9}{step[m] * 1e3:>10.3f}{step[m] / base:>8.3f}{proc[m] * 1e3:>9.3f}"
+              f"{(step[m] - base) * 1e6:>10.0f}{h}")
     over = {m: step[m] / base - 1 for m in modes}
     factor = over["naive_1e5"] / over["recorder_1e5"] if over["recorder_1e5"] > 0 else float("inf")
-    print(f"overhead recorder_1e5: {over['recorder_1e5'] * 100:.1f}% (goal <= 3%); "
-          f"recorder_1e4: {over['recorder_1e4'] * 100:.1f}%; naive_1e5: {over['naive_1e5'] * 100:.1f}%")
+    print(f"overhead {args.workload} recorder_1e5: {over['recorder_1e5'] * 100:.1f}% (goal <= 3%); "
+          f"recorder_1e4: {over['recorder_1e4'] * 100:.1f}% (goal <= 1%); naive_1e5: {over['naive_1e5'] * 100:.1f}%"
+          + (f"; uniform_1e5: {over['uniform_1e5'] * 100:.1f}%" if args.uniform else ""))
     print(f"naive/recorder overhead at 1e5: {factor:.1f}x (goal >= 10x)")
     if args.checksum_cost:
         print(f"checksum cost at 1e5: step {(step['recorder_1e5'] / step['nocrc_1e5'] - 1) * 100:+.1f}%, "
               f"process CPU {(proc['recorder_1e5'] / proc['nocrc_1e5'] - 1) * 100:+.1f}% "
               f"(recorder_1e5 with crc32c vs nocrc_1e5 without)")
+        print(_crc_alone(weights["recorder_1e5"], base))
     mb = sizes["recorder_1e5"] / 2**20
     raw = weights["recorder_1e5"] * 4 * rounds * block / 2**20
     print(f"store recorder_1e5: {mb:.1f} MiB on disk for {raw:.1f} MiB of float32 ({mb / raw:.2f})")

@@ -13,7 +13,7 @@ from corrtools import __version__
 from corrtools.errors import CorrtoolsError
 
 # subcommand modules, in the order `corrtools --help` lists them
-_COMMANDS = ("demo", "info", "delta", "rho")
+_COMMANDS = ("demo", "info", "delta", "rho", "experiment")
 
 
 def build_parser() -> argparse.ArgumentParser:

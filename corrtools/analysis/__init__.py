@@ -1,7 +1,9 @@
-"""corrtools.analysis: ρ(τ), Δ, and Δ per bin of final |w| from a run store.
+"""corrtools.analysis: ρ(τ), Δ, and Δ per bin of |w| from a run store.
 
 Kernels (pure, arrays in and out) are in ``correlation``; ``magnitude`` bins and takes medians;
-``delta`` reads a store and returns xarray results; ``plot`` draws them; ``suggest`` turns Δ into
+``magnitude_at`` picks the |w| binned by (final, or a recorded row for runs still recording);
+``delta`` reads a store and returns xarray results; ``plot`` draws them; ``follow`` re-reads a
+store as it grows; ``threads`` decides how many threads all of them use; ``suggest`` turns Δ into
 RESET's interval z (``suggest_z``).
 """
 from __future__ import annotations
@@ -15,11 +17,15 @@ from corrtools.analysis.delta import (
     save_delta,
     summarize_by_magnitude,
 )
+from corrtools.analysis.follow import LiveRun
+from corrtools.analysis.magnitude_at import MagnitudeSource, magnitudes_at
 from corrtools.analysis.plot import format_table, plot_delta, plot_rho
 from corrtools.analysis.suggest import suggest_z
 from corrtools.analysis.threads import available_cores, resolve_threads
 
 __all__ = [
+    "LiveRun",
+    "MagnitudeSource",
     "available_cores",
     "decorrelation_time",
     "delta_by_magnitude",
@@ -28,6 +34,7 @@ __all__ = [
     "format_table",
     "lagged_pearson",
     "load_delta",
+    "magnitudes_at",
     "plot_delta",
     "plot_rho",
     "resolve_threads",

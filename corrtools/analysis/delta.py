@@ -1,4 +1,8 @@
-"""From a run store to Δ: per weight, and as medians per bin of final |w| (the paper's Figure 1).
+"""From a run store to Δ: per weight, and as medians per bin of |w| (the paper's Figure 1).
+
+The |w| binned by are the run's final values, or, for a run still recording or interrupted (no final
+values yet), the last recorded row; ``magnitude_at`` chooses ("final", "last" or a step, see
+``corrtools.analysis.magnitude_at``) and the results' attrs say which step they come from.
 
 Reads the store through ``open_run`` only. Out of core: the selected columns are read in blocks of
 whole store chunks along ``weight`` (all steps of those columns at once, so every compressed chunk is
@@ -40,6 +44,7 @@ from corrtools.analysis.correlation import (
     lagged_pearson,
 )
 from corrtools.analysis.magnitude import Binning, assign_bins, bin_edges, binned_median, check_bins
+from corrtools.analysis.magnitude_at import MagnitudeAt, magnitude_labels, magnitudes_at
 from corrtools.analysis.threads import resolve_threads
 from corrtools.errors import CorrtoolsError, close_matches
 
@@ -61,7 +66,7 @@ _KERNEL_BYTES_PER_VALUE = 40
 _MIN_SLICE_COLS = 16
 # default cap on one block read from the store: all steps of some whole chunks of columns
 _BLOCK_BYTES = 512 << 20
-# quantiles of final |w| kept with the results (to shade "removable at density d" in plots)
+# quantiles of the binned |w| kept with the results (to shade "removable at density d" in plots)
 _QUANTILES = np.linspace(0.0, 1.0, 201)
 
 
@@ -247,10 +252,14 @@ def delta_per_weight(
     progress: bool = True,
     max_block_bytes: int = _BLOCK_BYTES,
     threads: int | None = None,
+    magnitude_at: MagnitudeAt = None,
     scheduler: Any = None,
 ) -> xr.Dataset:
     """Δ of every selected weight: a Dataset over ``weight`` with ``delta`` (optimizer steps, float64),
-    ``delta_over_T``, ``censored`` (bool) and the store's coords (param, index, initial, final).
+    ``delta_over_T``, ``censored`` (bool), the store's coords (param, index, initial, final) and
+    ``magnitude``, the |w| later binned by (``magnitude_at``: "final", "last", a recorded step, or
+    None for final values when the run has them and the last recorded row otherwise; attrs
+    ``magnitude_at``, ``magnitude_step``, ``magnitude_label`` say which).
 
     ``window`` is a fraction of the recorded rows, e.g. (0.5, 1.0) for the second half; ``max_lag``
     is in recorded rows (default: half the window). Censored weights carry Δ = max_lag (a lower bound),
@@ -263,6 +272,7 @@ def delta_per_weight(
     """
     n_threads = resolve_threads(threads)
     ds, cols, rows, lag = _analysis_selection(ds_or_path, params, window, detrend, max_lag)
+    mag, source = magnitudes_at(ds, cols, magnitude_at)  # before the work: errors come first
     T_rows = rows.stop - rows.start
     values = ds["values"].isel(step=rows, weight=cols)
     if scheduler is not None:
@@ -282,7 +292,10 @@ def delta_per_weight(
             "delta_over_T": ("weight", d_rows / T_rows),
             "censored": ("weight", cens),
         },
-        coords={k: ("weight", np.asarray(ds[k].values)[cols]) for k in ("param", "index", "initial", "final")},
+        coords={
+            **{k: ("weight", np.asarray(ds[k].values)[cols]) for k in ("param", "index", "initial", "final")},
+            "magnitude": ("weight", mag, {"long_name": source.label}),
+        },
         attrs={
             "T": T_rows,
             "every": every,
@@ -292,6 +305,7 @@ def delta_per_weight(
             "step_first": int(ds["step"].values[rows.start]),
             "step_last": int(ds["step"].values[rows.stop - 1]),
             "detrend": detrend,
+            **source.attrs(),
         },
     )
     return out
@@ -357,8 +371,9 @@ def summarize_by_magnitude(
     seed: int = 0,
     threads: int | None = None,
 ) -> xr.Dataset:
-    """Per-weight Δ (from ``delta_per_weight``) → medians per bin of final |w|, one set of bins per
-    parameter: a Dataset with dims (param, bin); see ``delta_by_magnitude`` for its variables.
+    """Per-weight Δ (from ``delta_per_weight``) → medians per bin of |w| (its ``magnitude`` coord, or
+    |final| for per-weight results saved before it existed), one set of bins per parameter: a
+    Dataset with dims (param, bin); see ``delta_by_magnitude`` for its variables.
     ``threads`` run the bootstrap (default all cores)."""
     check_bins(bins, binning)
     names = np.asarray(per_weight["param"].values).astype(str)
@@ -381,11 +396,13 @@ def summarize_by_magnitude(
     }
     delta = np.asarray(per_weight["delta"].values)
     censored = np.asarray(per_weight["censored"].values)
-    mag = np.abs(np.asarray(per_weight["final"].values, dtype=np.float64))
-    unanalysed = _unanalysed(names, mag, params)
+    src = per_weight["magnitude"] if "magnitude" in per_weight.coords else per_weight["final"]
+    mag = np.abs(np.asarray(src.values, dtype=np.float64))
+    label, _ = magnitude_labels(per_weight.attrs)
+    unanalysed = _unanalysed(names, mag, params, label)
     for i, p in enumerate(params):
         sel = names == p
-        if p in unanalysed:  # no finite final |w| to bin by: its bins stay empty (NaN), the rest go on
+        if p in unanalysed:  # no finite |w| to bin by: its bins stay empty (NaN), the rest go on
             continue
         edges = bin_edges(mag[sel], B, binning)
         idx = assign_bins(mag[sel], edges)
@@ -406,9 +423,9 @@ def summarize_by_magnitude(
         res["median_censored"][i] = stats.median_censored
     units = {"units": "optimizer steps"}
     data = {
-        "edge_low": (("param", "bin"), res["edge_low"], {"long_name": "lower edge of final |w|"}),
-        "edge_high": (("param", "bin"), res["edge_high"], {"long_name": "upper edge of final |w|"}),
-        "magnitude": (("param", "bin"), res["magnitude"], {"long_name": "median final |w| in the bin"}),
+        "edge_low": (("param", "bin"), res["edge_low"], {"long_name": f"lower edge of {label}"}),
+        "edge_high": (("param", "bin"), res["edge_high"], {"long_name": f"upper edge of {label}"}),
+        "magnitude": (("param", "bin"), res["magnitude"], {"long_name": f"median {label} in the bin"}),
         "n_weights": (("param", "bin"), res["n_weights"]),
         "undefined": (("param", "bin"), res["undefined"]),
         "median_delta": (("param", "bin"), res["median_delta"], units),
@@ -417,7 +434,7 @@ def summarize_by_magnitude(
         "censored_fraction": (("param", "bin"), res["censored_fraction"]),
         "median_censored": (("param", "bin"), res["median_censored"]),
         "magnitude_quantile": (
-            ("param", "quantile"), res["magnitude_quantile"], {"long_name": "quantiles of final |w|"}
+            ("param", "quantile"), res["magnitude_quantile"], {"long_name": f"quantiles of {label}"}
         ),
     }
     out = xr.Dataset(data, coords={"param": params, "bin": np.arange(B), "quantile": _QUANTILES})
@@ -430,12 +447,15 @@ def summarize_by_magnitude(
     return out
 
 
-def _unanalysed(names: np.ndarray, mag: np.ndarray, params: list[str]) -> list[str]:
-    """The params none of whose weights has a finite final value (e.g. a layer that became NaN);
-    a CorrtoolsError when that is all of them (e.g. a store still recording has no final values)."""
+def _unanalysed(names: np.ndarray, mag: np.ndarray, params: list[str], label: str = "final |w|") -> list[str]:
+    """The params none of whose weights has a finite magnitude ``mag`` (e.g. a layer that became NaN);
+    a CorrtoolsError when that is all of them."""
     out = [p for p in params if not np.isfinite(mag[names == p]).any()]
     if out and len(out) == len(params):
-        raise CorrtoolsError("no finite magnitudes to bin; the run's final values are missing (NaN).")
+        raise CorrtoolsError(
+            f"no finite magnitudes to bin: {label} is NaN for every weight; bin by another recorded "
+            "step with magnitude_at=STEP (--magnitude-at STEP)."
+        )
     return out
 
 
@@ -455,16 +475,20 @@ def delta_by_magnitude(
     progress: bool = True,
     max_block_bytes: int = _BLOCK_BYTES,
     threads: int | None = None,
+    magnitude_at: MagnitudeAt = None,
     scheduler: Any = None,
 ) -> xr.Dataset:
-    """Median Δ per bin of final |w|, per parameter (the paper's Figure 1 as numbers).
+    """Median Δ per bin of |w|, per parameter (the paper's Figure 1 as numbers).
 
-    Returns a Dataset with dims (param, bin): ``edge_low``/``edge_high`` (bin edges of final |w|),
+    |w| is the final value, or for a run without final values (still recording, or interrupted) the
+    last recorded row; ``magnitude_at`` ("final", "last" or a recorded optimizer step) chooses, and
+    the attrs ``magnitude_at``/``magnitude_step``/``magnitude_label`` say which was used.
+    Returns a Dataset with dims (param, bin): ``edge_low``/``edge_high`` (bin edges of |w|),
     ``magnitude`` (median |w| in the bin), ``n_weights`` (the count), ``undefined`` (Δ = NaN, left out),
     ``median_delta`` with its bootstrap interval ``ci_low``/``ci_high`` (optimizer steps), the same
     divided by T as ``median_over_T``/``ci_low_over_T``/``ci_high_over_T``, ``censored_fraction`` and
     ``median_censored`` (≥ half censored: the median is then max_lag, a lower bound), and
-    ``magnitude_quantile`` (param, quantile): quantiles of final |w| in steps of 0.5 %. Attrs record T,
+    ``magnitude_quantile`` (param, quantile): quantiles of |w| in steps of 0.5 %. Attrs record T,
     window, max_lag, detrend, binning. For per-weight Δ use ``delta_per_weight``; this function is
     ``summarize_by_magnitude(delta_per_weight(...))``. ``threads`` (default: the cores this process
     may use) run the kernel and the bootstrap; the results do not depend on it. ``scheduler`` runs
@@ -475,6 +499,7 @@ def delta_by_magnitude(
     per_weight = delta_per_weight(
         ds_or_path, params, window=window, max_lag=max_lag, detrend=detrend, dtype=dtype,
         progress=progress, max_block_bytes=max_block_bytes, threads=n_threads, scheduler=scheduler,
+        magnitude_at=magnitude_at,
     )
     return summarize_by_magnitude(per_weight, bins=bins, binning=binning, ci=ci, n_boot=n_boot, seed=seed,
                                   threads=n_threads)
@@ -493,9 +518,11 @@ def rho_by_magnitude(
     progress: bool = True,
     max_block_bytes: int = _BLOCK_BYTES,
     threads: int | None = None,
+    magnitude_at: MagnitudeAt = None,
 ) -> xr.Dataset:
-    """ρ(τ) per bin of final |w|: median and quartiles over the bin's weights at ~``n_lags``
-    log-spaced lags 1..max_lag (recorded rows; default half the window), on ``threads`` threads.
+    """ρ(τ) per bin of |w| (final, or as ``magnitude_at`` says; see ``delta_by_magnitude``): median
+    and quartiles over the bin's weights at ~``n_lags`` log-spaced lags 1..max_lag (recorded rows;
+    default half the window), on ``threads`` threads.
 
     Returns a Dataset with dims (param, bin, lag): ``rho_median``, ``rho_q25``, ``rho_q75`` (NaN-aware),
     ``n_weights`` (param, bin), ``edge_low``/``edge_high`` (param, bin), coords ``lag`` (rows) and ``lag_steps``.
@@ -505,6 +532,7 @@ def rho_by_magnitude(
         raise CorrtoolsError(f"n_lags={n_lags!r} must be a positive integer, e.g. 48.")
     n_threads = resolve_threads(threads)
     ds, cols, rows, lag = _analysis_selection(ds_or_path, params, window, detrend, max_lag)
+    mag, source = magnitudes_at(ds, cols, magnitude_at)
     T_rows = rows.stop - rows.start
     lags = np.unique(np.round(np.geomspace(1, lag, max(2, int(n_lags)))).astype(np.int64))
     rho = np.empty((lags.size, cols.size), dtype=np.float32)
@@ -519,16 +547,15 @@ def rho_by_magnitude(
         _map_slices(one, x.shape[1], k, n_threads)
         del x  # before the next block is read
     names = np.asarray(ds["param"].values).astype(str)[cols]
-    mag = np.abs(np.asarray(ds["final"].values, dtype=np.float64)[cols])
     pnames = list(dict.fromkeys(names.tolist()))
     B = int(bins)
     stats = np.full((3, len(pnames), B, lags.size), np.nan)
     count = np.zeros((len(pnames), B), dtype=np.int64)
     edges = np.full((len(pnames), B + 1), np.nan)
-    unanalysed = _unanalysed(names, mag, pnames)
+    unanalysed = _unanalysed(names, mag, pnames, source.label)
     for i, p in enumerate(pnames):
         sel = names == p
-        if p in unanalysed:  # no finite final |w|: its bins stay empty, the other params go on
+        if p in unanalysed:  # no finite |w|: its bins stay empty, the other params go on
             continue
         edges[i] = bin_edges(mag[sel], B, binning)
         idx = assign_bins(mag[sel], edges[i])
@@ -553,7 +580,7 @@ def rho_by_magnitude(
         },
         coords={"param": pnames, "bin": np.arange(B), "lag": lags, "lag_steps": ("lag", lags * every)},
         attrs={"T": T_rows, "every": every, "max_lag": lag, "window": [float(window[0]), float(window[1])],
-               "detrend": detrend, "binning": binning, "unanalysed": unanalysed},
+               "detrend": detrend, "binning": binning, "unanalysed": unanalysed, **source.attrs()},
     )
 
 

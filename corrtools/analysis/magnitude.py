@@ -1,4 +1,4 @@
-"""Bins of final |w| and medians of Δ per bin, with bootstrap intervals. Pure functions on arrays.
+"""Bins of |w| and medians of Δ per bin, with bootstrap intervals. Pure functions on arrays.
 
 Censoring. A series that never crosses zero up to max_lag carries Δ = max_lag, a lower bound. It
 enters the median at that value: the median is then exact as long as fewer than half of the bin's
@@ -49,7 +49,10 @@ def bin_edges(magnitude: ArrayLike, bins: int = 10, binning: Binning = "quantile
     m = np.asarray(magnitude, dtype=np.float64).reshape(-1)
     m = m[np.isfinite(m)]
     if m.size == 0:
-        raise CorrtoolsError("no finite magnitudes to bin; the run's final values are missing (NaN).")
+        raise CorrtoolsError(
+            "no finite magnitudes to bin: |w| is NaN for every weight; bin by another recorded step "
+            "(magnitude_at=STEP, --magnitude-at STEP)."
+        )
     lo, hi = float(m.min()), float(m.max())
     if binning == "quantile":
         edges = np.quantile(m, np.linspace(0.0, 1.0, bins + 1))

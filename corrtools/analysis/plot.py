@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from corrtools.analysis.magnitude_at import magnitude_labels
 from corrtools.errors import CorrtoolsError
 
 __all__ = ["FORMATS", "check_density", "check_figure_path", "format_table", "plot_delta", "plot_rho", "removable_threshold", "table_rows"]
@@ -64,8 +65,9 @@ def check_density(density: float | None) -> None:
 
 
 def removable_threshold(res: xr.Dataset, density: float) -> xr.DataArray:
-    """Per param, the final |w| below which weights are removable at ``density`` (keep the top d):
-    the (1 - d) quantile of final |w|, interpolated from ``magnitude_quantile``."""
+    """Per param, the |w| (as binned: final, or the step in ``res.attrs["magnitude_step"]``) below
+    which weights are removable at ``density`` (keep the top d): the (1 - d) quantile of |w|,
+    interpolated from ``magnitude_quantile``."""
     check_density(density)
     q = res["quantile"].values
     return xr.apply_ufunc(
@@ -87,7 +89,8 @@ def plot_delta(
     title: str | None = None,
 ) -> Any:
     """The paper's Figure 1 from ``delta_by_magnitude`` results: one panel per param, median Δ/T with
-    its bootstrap interval against final |w| (median of each bin, log axis); bins whose median is
+    its bootstrap interval against |w| (median of each bin, log axis; final |w|, or the recorded step
+    the results' attrs name, which the x label and the title then show); bins whose median is
     censored are drawn as open triangles (a lower bound), the max_lag/T ceiling dashed, and the
     magnitudes removable at ``density`` shaded (None: no shading). Saves to ``path`` if given
     (format from the extension) and returns the matplotlib Figure.
@@ -99,6 +102,7 @@ def plot_delta(
     rows, cols = _grid(len(params))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     ceiling = float(res.attrs["max_lag"]) / float(res.attrs["T"])
+    mag_label, mag_text = magnitude_labels(res.attrs)
     thresholds = removable_threshold(res, density) if density is not None else None
     for i, name in enumerate(params):
         ax = axes[i // cols][i % cols]
@@ -133,7 +137,7 @@ def plot_delta(
                            label=f"removable at d={float(density):g}")
         ax.set_ylim(bottom=0, top=top)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("final |w|")
+        ax.set_xlabel(mag_label)
         ax.set_ylabel("Δ / T")
         ax.grid(True, which="major", alpha=0.3, lw=0.5)
     for j in range(len(params), rows * cols):
@@ -145,12 +149,14 @@ def plot_delta(
     fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), fontsize=8,
                frameon=False)
     window = res.attrs.get("window", [0, 1])
-    fig.suptitle(
-        title or f"Decorrelation time by magnitude (T={res.attrs['T']} recorded steps, "
-        f"window {window[0]:g}–{window[1]:g}, detrend={res.attrs.get('detrend', 'none')})",
-        fontsize=10,
+    text = title or (
+        f"Decorrelation time by magnitude (T={res.attrs['T']} recorded steps, "
+        f"window {window[0]:g}–{window[1]:g}, detrend={res.attrs.get('detrend', 'none')})"
     )
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    if res.attrs.get("magnitude_at", "final") != "final":  # say where |w| comes from, on any title
+        text += f"\nbinned by {mag_text}"
+    fig.suptitle(text, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95 if "\n" not in text else 0.91))
     if p is not None:
         fig.savefig(p, dpi=150)
     return fig
@@ -158,8 +164,8 @@ def plot_delta(
 
 def plot_rho(res: xr.Dataset, path: str | os.PathLike[str] | None = None, *, title: str | None = None) -> Any:
     """ρ(τ) curves from ``rho_by_magnitude``: per param, the median over each magnitude bin's weights
-    with its interquartile band, lag (optimizer steps) on a log axis. Saves to ``path`` if given;
-    returns the Figure."""
+    with its interquartile band, lag (optimizer steps) on a log axis; the legend and the title say
+    which |w| was binned by. Saves to ``path`` if given; returns the Figure."""
     p = check_figure_path(path)
     plt = _pyplot()
     params = [str(v) for v in res["param"].values]
@@ -168,6 +174,7 @@ def plot_rho(res: xr.Dataset, path: str | os.PathLike[str] | None = None, *, tit
     lag = res["lag_steps"].values
     cmap = plt.get_cmap("viridis")
     B = res.sizes["bin"]
+    mag_label, mag_text = magnitude_labels(res.attrs)
     for i, name in enumerate(params):
         ax = axes[i // cols][i % cols]
         for b in range(B):
@@ -185,11 +192,14 @@ def plot_rho(res: xr.Dataset, path: str | os.PathLike[str] | None = None, *, tit
         ax.set_xlabel("lag τ (optimizer steps)")
         ax.set_ylabel("ρ(τ)")
         ax.grid(True, which="both", alpha=0.25, lw=0.5)
-        ax.legend(fontsize=6, loc="lower left", title="final |w| bin", title_fontsize=6)
+        ax.legend(fontsize=6, loc="lower left", title=f"{mag_label} bin", title_fontsize=6)
     for j in range(len(params), rows * cols):
         axes[j // cols][j % cols].set_visible(False)
-    fig.suptitle(title or f"ρ(τ) by magnitude bin (median and quartiles, T={res.attrs['T']})", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    text = title or f"ρ(τ) by magnitude bin (median and quartiles, T={res.attrs['T']})"
+    if res.attrs.get("magnitude_at", "final") != "final":
+        text += f"\nbinned by {mag_text}"
+    fig.suptitle(text, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95 if "\n" not in text else 0.91))
     if p is not None:
         fig.savefig(p, dpi=150)
     return fig
@@ -227,7 +237,8 @@ def table_rows(res: xr.Dataset) -> list[dict[str, Any]]:
 
 def format_table(res: xr.Dataset) -> str:
     """The plain-text table of ``delta_by_magnitude`` results that ``corrtools delta`` prints
-    (Δ in optimizer steps; a median marked ≥ is censored, i.e. a lower bound)."""
+    (Δ in optimizer steps; a median marked ≥ is censored, i.e. a lower bound). The header names the
+    |w| binned by: final, or the recorded step (and why)."""
     header = [h for _, h, _ in _COLUMNS]
     lines = []
     for row in table_rows(res):
@@ -243,7 +254,7 @@ def format_table(res: xr.Dataset) -> str:
     fmt_row = lambda cells: "  ".join(c.rjust(w) if j > 0 else c.ljust(w) for j, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     attrs = res.attrs
     head = (
-        f"# Δ by final |w|: T={attrs.get('T')} recorded steps (every {attrs.get('every', 1)}), "
+        f"# Δ by {magnitude_labels(attrs)[1]}: T={attrs.get('T')} recorded steps (every {attrs.get('every', 1)}), "
         f"window {attrs.get('window')}, max_lag={attrs.get('max_lag_steps', attrs.get('max_lag'))} steps, "
         f"detrend={attrs.get('detrend')}, {attrs.get('binning')} bins, {attrs.get('ci', 0.95):.0%} bootstrap CI"
     )

@@ -1,22 +1,30 @@
 """``corrtools delta``: the paper's Figure 1 from a run store, and the table it plots.
 
     corrtools delta run.zarr [-o delta.png] [--param NAME ...] [--bins 10] [--density 0.5]
-                             [--window 0.5:1] [--detrend linear] [--threads N] [--csv out.csv | --json]
-                             [--scheduler tcp://HOST:8786]
+                             [--window 0.5:1] [--detrend linear] [--magnitude-at final|last|STEP]
+                             [--threads N] [--scheduler tcp://HOST:8786] [--follow SECONDS]
+                             [--csv out.csv | --json]
     corrtools delta run.zarr --suggest-z --density 0.25 [--csv z.csv | --json]
+
+On a run that is still recording (or was interrupted) the bins are of |w| at the last recorded row,
+and the header and the figure say so. ``--follow SECONDS`` redraws the figure and reprints the table
+every SECONDS while the run grows, until it completes or Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime as _dt
 import json
 import sys
 from collections.abc import Callable
+import time
 from pathlib import Path
 
 from corrtools.errors import CorrtoolsError
 
-__all__ = ["add_parser", "run", "parse_window", "add_analysis_arguments", "check_analysis_arguments"]
+__all__ = ["add_parser", "run", "parse_window", "add_analysis_arguments", "check_analysis_arguments",
+           "print_unanalysed"]
 
 
 def parse_window(text: str) -> tuple[float, float]:
@@ -55,7 +63,7 @@ def add_analysis_arguments(p: argparse.ArgumentParser, bins: int) -> None:
     p.add_argument("store", help="run store written by corrtools.Recorder (a .zarr folder)")
     p.add_argument("--param", action="append", metavar="NAME",
                    help="parameter to analyse, e.g. blocks.0.mlp.fc1.weight (repeatable; default: all)")
-    p.add_argument("--bins", type=int, default=bins, help=f"bins of final |w| (default {bins})")
+    p.add_argument("--bins", type=int, default=bins, help=f"bins of |w| (default {bins})")
     p.add_argument("--binning", choices=("quantile", "log", "linear"), default="quantile",
                    help="equal counts, equal ratios or equal widths (default quantile)")
     p.add_argument("--window", default="0:1", metavar="START:END",
@@ -64,6 +72,9 @@ def add_analysis_arguments(p: argparse.ArgumentParser, bins: int) -> None:
                    help="remove a linear trend or analyse increments first (default none)")
     p.add_argument("--max-lag", type=int, default=None, metavar="ROWS",
                    help="largest lag searched, in recorded steps (default half the window)")
+    p.add_argument("--magnitude-at", default="auto", metavar="final|last|STEP",
+                   help="bin by final |w|, by |w| at the last recorded row, or at this optimizer step "
+                        "(default: final when the run has final values, else last)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="threads for the analysis (default: every core this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -72,9 +83,10 @@ def add_analysis_arguments(p: argparse.ArgumentParser, bins: int) -> None:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "delta",
-        help="decorrelation time Δ per bin of final |w| (Figure 1)",
-        description="Median decorrelation time Δ/T per bin of final |w|, per parameter, with bootstrap "
-        "intervals: draws the paper's Figure 1 and prints the table it plots.",
+        help="decorrelation time Δ per bin of |w| (Figure 1)",
+        description="Median decorrelation time Δ/T per bin of final |w| (or, on a run still recording, "
+        "|w| at the last recorded row), per parameter, with bootstrap intervals: draws the paper's "
+        "Figure 1 and prints the table it plots.",
     )
     add_analysis_arguments(p, bins=10)
     p.add_argument("-o", "--output", default="delta.png",
@@ -92,17 +104,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     out.add_argument("--json", action="store_true", help="print the table as JSON instead of text")
+    p.add_argument("--follow", type=float, default=None, metavar="SECONDS",
+                   help="redraw and reprint every SECONDS while the run is recorded, until it completes "
+                        "or Ctrl-C (reads only new rows; never locks the store)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from corrtools.analysis.delta import delta_by_magnitude, save_delta
-    from corrtools.analysis.plot import check_density, format_table, plot_delta, table_rows
+    from corrtools.analysis.magnitude_at import parse_magnitude_at
+    from corrtools.analysis.plot import check_density
     from corrtools.commands.outputs import check_output_file, check_writable_folder
 
     if args.suggest_z:
         return _suggest_z(args, parse_window(args.window))
     window = check_analysis_arguments(args)  # every output is checked before the work, not after
+    magnitude_at = parse_magnitude_at(args.magnitude_at)
     check_density(args.density)
     if not 0.0 < args.ci < 1.0:
         raise CorrtoolsError(f"--ci {args.ci} must lie in (0, 1), e.g. 0.95")
@@ -110,21 +126,71 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.csv, "--csv")
     if args.save and Path(args.store).is_dir():
         check_writable_folder(args.store, f"--save into {args.store!r}")
+    if args.follow is not None:
+        return _follow(args, window, magnitude_at)
+    _analyse_and_report(args, args.store, window, magnitude_at, progress=not args.no_progress)
+    return 0
+
+
+def _analyse_and_report(args: argparse.Namespace, source, window, magnitude_at, progress: bool) -> None:
+    """One analysis of ``source`` (a path or a Dataset): figure, --save, table or JSON, --csv."""
+    from corrtools.analysis.delta import delta_by_magnitude, save_delta
+    from corrtools.analysis.plot import format_table, plot_delta, table_rows
+
     res = delta_by_magnitude(
-        args.store, params=args.param, bins=args.bins, binning=args.binning, window=window,
-        max_lag=args.max_lag, detrend=args.detrend, ci=args.ci, progress=not args.no_progress,
-        threads=args.threads,
-        scheduler=args.scheduler,
+        source, params=args.param, bins=args.bins, binning=args.binning, window=window,
+        max_lag=args.max_lag, detrend=args.detrend, ci=args.ci, progress=progress,
+        threads=args.threads, magnitude_at=magnitude_at, scheduler=args.scheduler,
     )
     plot_delta(res, args.output, density=args.density)
-    for name in res.attrs.get("unanalysed", []):
-        print(f"# note: {name} has no finite final values (NaN weights); its bins are empty", file=sys.stderr)
+    print_unanalysed(res)
     if args.save:
         save_delta(args.store, res)
     _emit(args, res.attrs, table_rows(res), lambda: format_table(res))
     if not args.json:
         print(f"# figure: {args.output}", file=sys.stderr)
-    return 0
+    sys.stdout.flush()
+
+
+def print_unanalysed(res) -> None:
+    """A note on stderr for each parameter left out because none of its binned |w| is finite."""
+    at = res.attrs.get("magnitude_at", "final")
+    what = "final values" if at == "final" else f"|w| at step {res.attrs.get('magnitude_step')}"
+    for name in res.attrs.get("unanalysed", []):
+        print(f"# note: {name} has no finite {what} (NaN weights); its bins are empty", file=sys.stderr)
+
+
+def _follow(args: argparse.Namespace, window, magnitude_at) -> int:
+    """Re-analyse every ``args.follow`` seconds while the store grows; stop when it is complete or on
+    Ctrl-C. Rows too few for the window so far are waited for, not an error."""
+    from corrtools.analysis.follow import LiveRun
+
+    if not args.follow > 0:
+        raise CorrtoolsError(f"--follow {args.follow:g} must be a positive number of seconds, e.g. --follow 30")
+    live = LiveRun(args.store, params=args.param)
+    seen = None
+    try:
+        while True:
+            ds = live.refresh()
+            status = ds.attrs.get("status")
+            n = ds.sizes["step"]
+            if (n, status) != seen:
+                seen = (n, status)
+                now = _dt.datetime.now().strftime("%H:%M:%S")
+                last = int(ds["step"].values[-1]) if n else None
+                print(f"# {now}  {n} rows recorded (last step {last}), status {status}", file=sys.stderr)
+                try:
+                    _analyse_and_report(args, ds, window, magnitude_at, progress=False)
+                except CorrtoolsError as err:
+                    if status == "complete":
+                        raise
+                    print(f"# waiting for more rows: {err}", file=sys.stderr)
+            if status == "complete":
+                return 0
+            time.sleep(args.follow)
+    except KeyboardInterrupt:
+        print("# stopped following", file=sys.stderr)
+        return 0
 
 
 def _emit(args: argparse.Namespace, attrs: dict, rows: list[dict], text: Callable[[], str]) -> None:

@@ -1,4 +1,5 @@
-"""``corrtools info RUN.zarr``: what a run store holds (status, steps, parameters, chunking, size)."""
+"""``corrtools info RUN.zarr``: what a run store holds (status, steps, parameters, chunking, size),
+and on a store still recording its progress (rows, steps per second, last write)."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,8 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append("steps       0 recorded")
     if info.get("total_steps") is not None:
         lines.append(f"total       {info['total_steps']} optimizer steps")
+    if info["status"] != "complete" and n and info.get("progress"):
+        lines.append(f"progress    {_progress(info['progress'], n)}")
     lines.append(f"weights     {info['n_weights']} in {len(info['params'])} parameters")
     width = max((len(k) for k in info["params"]), default=0)
     for name, count in info["params"].items():
@@ -72,6 +75,27 @@ def format_info(info: dict[str, Any]) -> str:
         if key not in _SHOWN:
             lines.append(f"  {key}: {json.dumps(val) if not isinstance(val, str) else val}")
     return "\n".join(lines)
+
+
+def _progress(prog: dict[str, Any], rows: int) -> str:
+    """"1200 rows, 35.2 steps/s, last write 2026-11-25 03:10:05 UTC (4 s ago)"."""
+    parts = [f"{rows} rows"]
+    rate = prog.get("steps_per_second")
+    parts.append(f"{rate:.3g} steps/s" if rate is not None else "steps/s unknown")
+    if prog.get("last_write"):
+        when = prog["last_write"].replace("T", " ").replace("+00:00", " UTC")
+        parts.append(f"last write {when} ({_ago(prog['seconds_since_write'])} ago)")
+    return ", ".join(parts)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def run(args: argparse.Namespace) -> int:

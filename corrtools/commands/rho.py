@@ -1,4 +1,4 @@
-"""``corrtools rho``: ρ(τ) curves per bin of final |w| (median and quartiles over each bin's weights).
+"""``corrtools rho``: ρ(τ) curves per bin of |w| (median and quartiles over each bin's weights).
 
     corrtools rho run.zarr [-o rho.png] [--param NAME ...] [--bins 5] [--window 0.5:1] [--detrend linear]
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corrtools.commands.delta import add_analysis_arguments, check_analysis_arguments
+from corrtools.commands.delta import add_analysis_arguments, check_analysis_arguments, print_unanalysed
 from corrtools.errors import CorrtoolsError
 
 __all__ = ["add_parser", "run"]
@@ -16,9 +16,9 @@ __all__ = ["add_parser", "run"]
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "rho",
-        help="lagged correlation ρ(τ) per bin of final |w|",
+        help="lagged correlation ρ(τ) per bin of |w|",
         description="ρ(τ) between a weight's trajectory and itself τ steps later: the median and "
-        "quartiles over the weights of each bin of final |w|, per parameter, on a log lag axis.",
+        "quartiles over the weights of each bin of |w| (final, or at the last recorded row), per parameter, on a log lag axis.",
     )
     add_analysis_arguments(p, bins=5)
     p.add_argument("-o", "--output", default="rho.png", help="figure file; .png, .svg or .pdf (default rho.png)")
@@ -28,6 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from corrtools.analysis.delta import rho_by_magnitude
+    from corrtools.analysis.magnitude_at import magnitude_labels, parse_magnitude_at
     from corrtools.analysis.plot import plot_rho
 
     window = check_analysis_arguments(args)  # every output is checked before the work, not after
@@ -36,12 +37,11 @@ def run(args: argparse.Namespace) -> int:
     res = rho_by_magnitude(
         args.store, params=args.param, bins=args.bins, binning=args.binning, window=window,
         max_lag=args.max_lag, n_lags=args.lags, detrend=args.detrend, progress=not args.no_progress,
-        threads=args.threads,
+        threads=args.threads, magnitude_at=parse_magnitude_at(args.magnitude_at),
     )
     plot_rho(res, args.output)
-    for name in res.attrs.get("unanalysed", []):
-        print(f"# note: {name} has no finite final values (NaN weights); its bins are empty", file=sys.stderr)
-    print(f"# ρ(τ) median per bin of final |w| (T={res.attrs['T']}); figure: {args.output}")
+    print_unanalysed(res)
+    print(f"# ρ(τ) median per bin of {magnitude_labels(res.attrs)[1]} (T={res.attrs['T']}); figure: {args.output}")
     lags = res["lag_steps"].values
     show = sorted({0, len(lags) // 4, len(lags) // 2, 3 * len(lags) // 4, len(lags) - 1})
     print("param\tbin\tn\t" + "\t".join(f"τ={int(lags[j])}" for j in show))

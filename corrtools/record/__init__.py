@@ -15,6 +15,7 @@ _LAZY: dict[str, str] = {
     "open_run": "corrtools.record.store",
     "read_group": "corrtools.record.store",
     "run_info": "corrtools.record.store",
+    "truncate_run": "corrtools.record.store",
     "write_group": "corrtools.record.store",
 }
 

@@ -101,6 +101,18 @@ class Location:
         else:
             self.fs.rm(self._key(), recursive=True)
 
+    def mtime(self, *parts: str) -> float | None:
+        """Modification time (POSIX seconds) of the file at `parts`, or None if absent or unknown."""
+        if self.local is not None:
+            try:
+                return self.local.joinpath(*parts).stat().st_mtime
+            except FileNotFoundError:
+                return None
+        try:
+            return float(self.fs.modified(self._key(*parts)).timestamp())
+        except Exception:  # absent, or a filesystem that does not keep times
+            return None
+
     def size(self, skip: str) -> int:
         """Bytes under the store, not counting files named `skip`."""
         if self.local is not None:

@@ -2,7 +2,8 @@
 
 Per recorded step the sampled values of all parameters are gathered with ``index_select`` into one
 row of a preallocated host block (on CUDA: into one float32 device buffer, then one non-blocking
-copy into pinned host memory). Full blocks of ``chunk_steps`` rows go through a bounded queue to one
+copy into pinned host memory). Sampled runs of consecutive weights (the default "runs" layout) are
+gathered as rows of a (numel // 16, 16) view: one 64-byte copy per cache line touched. Full blocks of ``chunk_steps`` rows go through a bounded queue to one
 background thread that writes them with `RunWriter.write_block`, so training waits on compression
 and disk only when the writer falls more than the queue behind. Memory is a fixed ring of blocks,
 independent of run length. Nothing is written per step.
@@ -53,7 +54,7 @@ from torch import nn
 from corrtools.errors import CorrtoolsError
 from corrtools.record._location import store_path
 from corrtools.record.distributed import barrier, broadcast_error, is_idle, local_tensor, role, unwrap
-from corrtools.record.sampling import ParamFilter, SampleSpec, plan_samples
+from corrtools.record.sampling import RUN, ParamFilter, SampleSpec, plan_samples
 from corrtools.record.store import (
     PathLike,
     RunWriter,
@@ -105,15 +106,35 @@ class _DeviceGroup:
     device: torch.device
     start: int
     stop: int
-    entries: list[tuple[nn.Parameter, torch.Tensor, int, int]]  # (param, index, col start, col stop)
-    staging: torch.Tensor | None = None                           # (stop - start,) float32 on device
+    entries: list[tuple[nn.Parameter, torch.Tensor, int, int, int]]  # (param, idx, run, col start, col stop)
+    staging: torch.Tensor | None = None                                # (stop - start,) float32 on device
 
 
-def _gather(p: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
-    """out (k,) float32 <- p.flatten()[idx] (index_select on the flat view is ~3x faster than take);
-    of a sharded parameter, its local shard."""
+def _pieces(index: np.ndarray, numel: int) -> list[tuple[np.ndarray, int, int, int]]:
+    """Split one parameter's sorted flat ``index`` (k,) into gathers ``(idx, run, start, stop)`` for
+    columns [start, stop): whole aligned runs of `RUN` as run numbers (``run=RUN``), the rest as
+    flat indices (``run=1``)."""
+    k = len(index)
+    m = int(np.searchsorted(index, numel // RUN * RUN))  # columns inside whole runs
+    firsts = index[:m:RUN]
+    if m and m % RUN == 0 and not (firsts % RUN).any() and np.array_equal(
+        index[:m], (firsts[:, None] + np.arange(RUN)).reshape(-1)
+    ):
+        return [(firsts // RUN, RUN, 0, m)] + ([(index[m:], 1, m, k)] if m < k else [])
+    return [(index, 1, 0, k)]
+
+
+def _gather(p: torch.Tensor, idx: torch.Tensor, run: int, out: torch.Tensor) -> None:
+    """out (k,) float32 <- p.flatten()[i] for the flat indices i of ``idx``: with ``run=1`` flat
+    indices (index_select on the flat view is ~3x faster than take), else numbers of aligned runs
+    of ``run`` weights, gathered as rows of a (numel // run, run) view; of a sharded parameter, its
+    local shard."""
     p = local_tensor(p)
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
+    if run > 1:
+        n = flat.numel() // run * run
+        flat = (flat if n == flat.numel() else flat[:n]).view(-1, run)
+        out = out.view(-1, run)
     if p.dtype == torch.float32:
         torch.index_select(flat, 0, idx, out=out)
     else:
@@ -140,8 +161,10 @@ def _describe_params(params: ParamFilter) -> Any:
 class Recorder:
     """Record sampled weights of ``model`` after optimizer steps into the run store at ``path``.
 
-    ``sample``: weights per parameter (int) or fraction of each parameter (float in (0, 1]), uniform
-    without replacement, reproducible from ``seed``. ``params``: None (floating parameters with >= 2
+    ``sample``: weights per parameter (int) or fraction of each parameter (float in (0, 1]), without
+    replacement, reproducible from ``seed``; ``layout``: "runs" (default: aligned runs of 16
+    consecutive weights, the count rounded up to whole runs; ~3-5x cheaper to read per step on CPU)
+    or "uniform" (single weights), see `corrtools.record.sampling`. ``params``: None (floating parameters with >= 2
     dims), a list of names, or a predicate ``(name, param) -> bool``. ``every``: take a row every
     k-th step. ``resume=True`` continues an existing store after its last step (``start_step``
     overrides the step counter, e.g. when restarting from a later checkpoint); ``overwrite=True``
@@ -193,6 +216,7 @@ class Recorder:
         queue_blocks: int = 2,
         compressor: str = "auto",
         flush_every: float | None = FLUSH_EVERY,
+        layout: str = "runs",
     ) -> None:
         # every argument is checked here, before the store is touched
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -207,7 +231,8 @@ class Recorder:
         if flush_every is not None and (isinstance(flush_every, bool) or not isinstance(flush_every, (int, float))
                                         or not flush_every > 0):
             raise CorrtoolsError(f"flush_every={flush_every!r} must be a positive number of seconds or None")
-        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
+        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer))
+                                       or start_step < 0):
             raise CorrtoolsError(f"start_step={start_step!r} must be a non-negative int (an optimizer step count)")
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise CorrtoolsError(
@@ -219,7 +244,8 @@ class Recorder:
         self._queue_blocks = queue_blocks
         self._flush_every = None if flush_every is None else float(flush_every)
         self.model = model = unwrap(model)
-        self.plan = plan_samples(model, sample, params, seed)
+        self.plan = plan_samples(model, sample, params, seed, layout)
+        self.layout = layout
         self._check_devices()
         self._role = role(model, self.plan)
         self._sharded = self._role is not None and self._role.sharded
@@ -244,6 +270,8 @@ class Recorder:
                 "every": every,
                 "sample": sample.item() if isinstance(sample, np.generic) else sample,
                 "seed": int(seed),
+                "layout": layout,
+                "run": RUN if layout == "runs" else 1,
                 "params": _describe_params(params),
                 "model": f"{type(model).__module__}.{type(model).__qualname__}",
                 "optimizer": None,
@@ -420,6 +448,17 @@ class Recorder:
             "optimizer.step()"
         )
 
+    def flush(self) -> None:
+        """Write every row taken so far to the store and wait until it is on disk (e.g. when a
+        checkpoint is saved, so that a run resumed from it finds every row up to it). Losses for
+        steps already written can no longer be logged."""
+        self._raise_if_failed()
+        self._check_open()
+        cur = self._current
+        if cur is not None and cur.k > cur.flushed:
+            self._flush(cur)
+        self._wait_writer()
+
     def close(self) -> None:
         """Flush all rows, write ``final``, mark the store "complete" and release it. Idempotent."""
         self._shutdown(complete=True)
@@ -462,12 +501,12 @@ class Recorder:
         with torch.no_grad():
             for g in self._groups:
                 if g.staging is None:  # CPU: straight into the host row
-                    for p, idx, a, b in g.entries:
-                        _gather(p, idx, row[a:b])
+                    for p, idx, run, a, b in g.entries:
+                        _gather(p, idx, run, row[a:b])
                 else:
                     base = g.start
-                    for p, idx, a, b in g.entries:
-                        _gather(p, idx, g.staging[a - base : b - base])
+                    for p, idx, run, a, b in g.entries:
+                        _gather(p, idx, run, g.staging[a - base : b - base])
                     row[g.start : g.stop].copy_(g.staging, non_blocking=True)
         cur.steps[i] = step
         cur.lr[i] = lr
@@ -617,12 +656,14 @@ class Recorder:
     # ---------------------------------------------------------------------------- setup
     def _gather_final(self) -> np.ndarray:
         """(N,) float32 values of every sampled weight now, synchronously."""
-        out = np.empty(self.n_weights, np.float32)
+        out = torch.empty(self.n_weights, dtype=torch.float32)
         with torch.no_grad():
             for g in self._groups:
-                for p, idx, a, b in g.entries:
-                    out[a:b] = torch.take(local_tensor(p), idx).float().cpu().numpy()
-        return out
+                for p, idx, run, a, b in g.entries:
+                    piece = torch.empty(b - a, dtype=torch.float32, device=local_tensor(p).device)
+                    _gather(p, idx, run, piece)
+                    out[a:b] = piece.cpu()
+        return out.numpy()
 
     def _check_devices(self) -> None:
         by_name = dict(self.model.named_parameters())
@@ -652,8 +693,8 @@ class Recorder:
                 p = by_name[s.name]
                 if p.device != d:
                     continue
-                idx = torch.as_tensor(s.index, dtype=torch.int64, device=d)
-                entries.append((p, idx, col, col + len(s.index)))
+                for idx, run, a, b in _pieces(s.index, s.numel):
+                    entries.append((p, torch.as_tensor(idx, dtype=torch.int64, device=d), run, col + a, col + b))
                 col += len(s.index)
             stage = d.type != "cpu" or self._stage_on_cpu
             staging = torch.empty(col - start, dtype=torch.float32, device=d) if stage else None
@@ -663,6 +704,11 @@ class Recorder:
     def _check_resumable(self, names: Sequence[str], index: np.ndarray, start_step: int | None) -> int:
         ds = open_run(self.path)
         same = list(ds["param"].values) == list(names) and np.array_equal(ds["index"].values, index)
+        stored = ds.attrs.get("layout", "uniform")  # stores from before layouts were uniform
+        if not same and stored != self.layout:
+            raise CorrtoolsError(
+                f"{str(self.path)!r} was recorded with layout={stored!r}; resume with layout={stored!r}"
+            )
         if not same:
             raise CorrtoolsError(
                 f"{str(self.path)!r} was recorded with other weights (different model, params, sample "

@@ -80,8 +80,8 @@ def gemm_view(w: Tensor) -> Tensor:
 
 def _from_gemm_view(m: Tensor, shape: torch.Size) -> Tensor:
     """Inverse of :func:`gemm_view` for a mask: ``(out, inner)`` back to ``shape`` (contiguous)."""
-    if len(shape) <= 2:
-        return m.reshape(shape)
+    if len(shape) <= 2:  # contiguous: a reshaped expand can be a stride-0 view (a single block)
+        return m.reshape(shape).contiguous()
     return m.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous()
 
 

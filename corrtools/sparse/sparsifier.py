@@ -169,11 +169,6 @@ class Sparsifier:
             exploit=exploit,
             total_steps=total_steps,
         )
-        resets_state = isinstance(exploit, Reset) and exploit.reset_optimizer_state
-        if resets_state and optimizer is None:
-            raise CorrtoolsError(
-                "Reset(reset_optimizer_state=True) needs the optimizer: pass it to the Sparsifier."
-            )
         self.model = model
         self.optimizer = optimizer
         self._step = 0
@@ -283,6 +278,11 @@ class Sparsifier:
         count does not advance and nothing is exploited or rewired.
         """
         self._check_live()
+        if self.optimizer is None and isinstance(self.config.exploit, Reset) and self.config.exploit.reset_optimizer_state:
+            raise CorrtoolsError(
+                "Reset(reset_optimizer_state=True) needs the optimizer: pass it to the Sparsifier, or "
+                "to sp.attach_optimizer(optimizer) before the first step."
+            )
         if not self._optimizer_stepped():
             return
         self._step += 1
@@ -492,6 +492,17 @@ class Sparsifier:
         if self._autoz is not None:
             self._autoz.load_state_dict(state["autoz"])
             self._log_z(self._step + 1)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Use ``optimizer`` from now on, as if it had been passed to the constructor: for trainers
+        that build it after the model (the Lightning and Hugging Face callbacks build the Sparsifier
+        first, so that a checkpoint's masks load with the model). Replaces an earlier optimizer."""
+        self._check_live()
+        if self._step_hook is not None:
+            self._step_hook.remove()
+        self.optimizer = optimizer
+        self._step_flag = _StepFlag()
+        self._step_hook = optimizer.register_step_post_hook(self._step_flag)
 
     def finalize(self) -> None:
         """Zero the non-participating weights and remove all masking: a plain model, same outputs."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from corrtools.errors import CorrtoolsError
+from corrtools.workloads.training import optimizer_and_schedule
 from corrtools.workloads.text import VOCAB_SIZE, encode, stdlib_text
 
 __all__ = ["CharLMConfig", "CharTransformer", "CharLMWorkload"]
@@ -36,6 +37,8 @@ class CharLMConfig:
     warmup_steps: int = 50      # linear warm-up steps for "cosine"
     text_bytes: int = 2_000_000 # characters of stdlib source to train on (last 10% held out)
     seed: int = 0               # seeds weights and batch order
+    attn_width: int | None = None  # inner width of attention (q, k, v, heads); None: d_model
+    mlp_width: int | None = None   # hidden width of the MLP; None: 4 * d_model
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
@@ -48,43 +51,63 @@ class CharLMConfig:
         for name in ("d_model", "n_layer", "n_head", "seq_len", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise CorrtoolsError(f"{name}={getattr(self, name)} must be at least 1.")
+        if self.attn_width is not None and (self.attn_width < 1 or self.attn_width % self.n_head):
+            raise CorrtoolsError(f"attn_width={self.attn_width} must be a positive multiple of n_head={self.n_head}.")
+        if self.mlp_width is not None and self.mlp_width < 1:
+            raise CorrtoolsError(f"mlp_width={self.mlp_width} must be at least 1.")
+
+    def small(self, density: float) -> CharLMConfig:
+        """SMALL at ``density``: attention's inner width and the MLP's hidden width times d.
+
+        The sparsifiable layers are qkv (d_model -> 3a), proj (a -> d_model), fc1 (d_model -> h) and
+        fc2 (h -> d_model); only a and h shrink (a to a multiple of n_head), so they hold about d of
+        their weights while the residual width, embedding and output head stay as they are.
+        """
+        from corrtools.sparse.baselines import small_width
+
+        a = self.attn_width or self.d_model
+        h = self.mlp_width or 4 * self.d_model
+        return replace(self, attn_width=small_width(a, density, self.n_head), mlp_width=small_width(h, density))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class _Attention(nn.Module):
-    def __init__(self, d_model: int, n_head: int) -> None:
+    def __init__(self, d_model: int, n_head: int, width: int) -> None:
         super().__init__()
         self.n_head = n_head
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.width = width  # A, the inner width
+        self.qkv = nn.Linear(d_model, 3 * width, bias=False)
+        self.proj = nn.Linear(width, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        B, T, _ = x.shape
+        A = self.width
+        q, k, v = self.qkv(x).split(A, dim=2)  # each (B, T, A)
+        q, k, v = (t.view(B, T, self.n_head, A // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, A/H)
+        return self.proj(y.transpose(1, 2).reshape(B, T, A))
 
 
 class _MLP(nn.Module):
-    def __init__(self, d_model: int) -> None:
+    def __init__(self, d_model: int, width: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(d_model, 4 * d_model, bias=False)
-        self.fc2 = nn.Linear(4 * d_model, d_model, bias=False)
+        self.fc1 = nn.Linear(d_model, width, bias=False)
+        self.fc2 = nn.Linear(width, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class _Block(nn.Module):
-    def __init__(self, d_model: int, n_head: int) -> None:
+    def __init__(self, cfg: CharLMConfig) -> None:
         super().__init__()
+        d_model = cfg.d_model
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = _Attention(d_model, n_head)
+        self.attn = _Attention(d_model, cfg.n_head, cfg.attn_width or d_model)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = _MLP(d_model)
+        self.mlp = _MLP(d_model, cfg.mlp_width or 4 * d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -98,7 +121,7 @@ class CharTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.pos = nn.Parameter(torch.zeros(cfg.seq_len, cfg.d_model))
-        self.blocks = nn.ModuleList(_Block(cfg.d_model, cfg.n_head) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         for name, p in self.named_parameters():
@@ -113,17 +136,6 @@ class CharTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))  # (B, T, V)
-
-
-def _lr_lambda(cfg: CharLMConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if cfg.schedule == "constant":
-            return 1.0
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
 
 
 class CharLMWorkload:
@@ -144,13 +156,7 @@ class CharLMWorkload:
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
         torch.manual_seed(cfg.seed)
         self.model = CharTransformer(cfg).to(self.device)
-        if cfg.optimizer == "adamw":
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr,
-                                             momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.model, cfg)
         self._gen = torch.Generator().manual_seed(cfg.seed + 1)  # batch order only
 
     def get_batch(self, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,9 +187,19 @@ class CharLMWorkload:
         return float(loss.detach())
 
     @torch.no_grad()
-    def evaluate(self, batches: int = 8) -> float:
-        """Mean held-out loss over ``batches`` fresh validation batches, in nats."""
+    def evaluate(self, batches: int = 8, seed: int | None = None) -> float:
+        """Mean held-out loss over ``batches`` validation batches, in nats.
+
+        With ``seed`` the batches come from their own generator (the same windows for every run and
+        every call, the training batch order untouched); without it, from the training generator.
+        """
         self.model.eval()
-        losses = [float(self.loss(*self.get_batch("val"))) for _ in range(batches)]
-        self.model.train()
+        saved = self._gen
+        if seed is not None:
+            self._gen = torch.Generator().manual_seed(seed)
+        try:
+            losses = [float(self.loss(*self.get_batch("val"))) for _ in range(batches)]
+        finally:
+            self._gen = saved
+            self.model.train()
         return sum(losses) / len(losses)

@@ -124,8 +124,12 @@ def test_user_errors(run_store, tmp_path) -> None:
     w = RunWriter.create(rec, param=names, index=np.arange(len(names)), initial=x[0])
     w.write_block(np.arange(10), x[:10])
     w.abandon()
-    with pytest.raises(CorrtoolsError, match="final values"):
-        delta_by_magnitude(rec, progress=False)
+    with pytest.raises(CorrtoolsError, match="no final values.*magnitude_at='last'"):
+        delta_by_magnitude(rec, progress=False, magnitude_at="final")
+    with pytest.raises(CorrtoolsError, match=r"magnitude_at=11 is not a recorded step \(the run has steps 0..9\).*e.g. 9"):
+        delta_by_magnitude(rec, progress=False, magnitude_at=11)
+    with pytest.raises(CorrtoolsError, match="'final', 'last', 'auto' or a step"):
+        delta_by_magnitude(rec, progress=False, magnitude_at="first")
 
 
 def test_rho_by_magnitude_matches_kernel(run_store) -> None:

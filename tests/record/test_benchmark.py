@@ -1,4 +1,4 @@
-"""benchmarks/recorder_overhead.py --quick runs and prints a parseable table."""
+"""benchmarks/recorder_overhead.py --quick runs and prints a parseable table, for both workloads."""
 from __future__ import annotations
 
 import re
@@ -6,21 +6,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_recorder_overhead_quick_prints_table():
+@pytest.mark.parametrize("workload", ["charlm", "mlp"])
+def test_recorder_overhead_quick_prints_table(workload):
     out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "recorder_overhead.py"), "--quick"],
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
+        [sys.executable, str(REPO / "benchmarks" / "recorder_overhead.py"), "--quick", "--workload", workload],
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
     rows = dict()
+    num = r"(-?[\d.]+)"
     for line in out.stdout.splitlines():
-        m = re.fullmatch(r"(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", line.strip())
+        m = re.fullmatch(rf"(\w+)\s+(\d+)\s+{num}\s+{num}\s+{num}\s+{num}\s+(-|\d+)\s+(-|\d+)", line.strip())
         if m:
-            rows[m.group(1)] = (int(m.group(2)), float(m.group(3)), float(m.group(4)))
+            rows[m.group(1)] = (int(m.group(2)), float(m.group(3)), float(m.group(4)), m.group(7), m.group(8))
     assert set(rows) == {"none", "recorder_1e4", "recorder_1e5", "naive_1e5"}
     assert rows["none"][2] == 1.0 and all(r[1] > 0 for r in rows.values())
     assert rows["recorder_1e5"][0] == rows["naive_1e5"][0] > rows["recorder_1e4"][0] > 0
+    # the Recorder's own per-step work and its writer's CPU per row are reported, naive's are not
+    assert int(rows["recorder_1e5"][3]) > 0 and int(rows["recorder_1e5"][4]) > 0 and rows["naive_1e5"][3] == "-"
+    if workload == "mlp":  # 10^4 weights split evenly over the three matrices: 3334 -> 209 runs of 16
+        assert rows["recorder_1e5"][0] == 3 * 209 * 16
+    assert re.search(rf"overhead {workload} recorder_1e5: -?[\d.]+%", out.stdout)
     assert re.search(r"naive/recorder overhead at 1e5: ([\d.]+|inf)x", out.stdout)

@@ -210,7 +210,7 @@ def test_overwrite_replaces_only_run_stores(tmp_path):
             Recorder(_model(), target, sample=4, overwrite=True)
     assert plain.read_text() == "keep me" and zarr.open_array(str(foreign))[:].tolist() == [1, 1, 1]
     p = _store(tmp_path / "old.zarr")
-    with Recorder(_model(), p, sample=4, overwrite=True) as rec:  # a run store is replaced
+    with Recorder(_model(), p, sample=4, overwrite=True, layout="uniform") as rec:  # a run store is replaced
         rec.record()
     assert open_run(p).sizes == {"step": 1, "weight": 4}
     assert sorted(x.name for x in tmp_path.iterdir()) == ["foreign.zarr", "notes.txt", "old.zarr"]

@@ -99,7 +99,7 @@ def test_record_to_and_analyse_from_a_url(scheme, s3, tmp_path, capsys):
     assert "status      complete" in capsys.readouterr().out
     with pytest.raises(CorrtoolsError, match="already exists; pass overwrite=True"):
         Recorder(torch.nn.Linear(4, 4), url, sample=4)
-    Recorder(torch.nn.Linear(4, 4), url, sample=4, overwrite=True).close()
+    Recorder(torch.nn.Linear(4, 4), url, sample=4, overwrite=True, layout="uniform").close()
     assert open_run(url).sizes["weight"] == 4
 
 

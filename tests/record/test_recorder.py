@@ -77,16 +77,20 @@ def test_docstring_example_runs():
     assert result.attempted >= 6
 
 
-def test_values_equal_an_independent_copy_of_the_weights(tmp_path):
+@pytest.mark.parametrize("layout", ["runs", "uniform"])
+def test_values_equal_an_independent_copy_of_the_weights(tmp_path, layout):
     torch.manual_seed(0)
     model = _Net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
-    with Recorder(model, tmp_path / "r.zarr", sample=20, every=2, chunk_steps=3).attach(opt) as rec:
+    with Recorder(model, tmp_path / "r.zarr", sample=20, every=2, chunk_steps=3, layout=layout).attach(opt) as rec:
         copies, losses = _train(model, opt, 17, rec, sched)
     ds = open_run(tmp_path / "r.zarr")
     np.testing.assert_array_equal(ds["step"].values, np.arange(2, 18, 2))
-    assert ds["values"].shape == (8, 40) and ds["values"].dtype == np.float32
+    # fc1 (72 weights): 20 single weights, or 2 runs of 16; fc2 (36): 20, or 2 runs (the last one 4 long)
+    widths = {"uniform": (40,), "runs": (64, 52)}[layout]
+    assert ds["values"].shape[0] == 8 and ds["values"].shape[1] in widths and ds["values"].dtype == np.float32
+    assert ds.attrs["layout"] == layout and ds.attrs["run"] == (16 if layout == "runs" else 1)
     for r, s in enumerate(ds["step"].values):
         np.testing.assert_array_equal(ds["values"].values[r], _expected_row(ds, copies[s]))
     np.testing.assert_array_equal(ds["initial"].values, _expected_row(ds, copies[0]))
@@ -210,7 +214,9 @@ def test_resume_continues_without_duplicates(tmp_path):
     with Recorder(model, p, sample=10, chunk_steps=4).attach(opt) as rec:
         copies, _ = _train(model, opt, 6, rec)
     with pytest.raises(CorrtoolsError, match="other weights"):
-        Recorder(model, p, sample=11, resume=True)
+        Recorder(model, p, sample=20, resume=True)
+    with pytest.raises(CorrtoolsError, match="recorded with layout='runs'; resume with layout='runs'"):
+        Recorder(model, p, sample=10, resume=True, layout="uniform")
     with pytest.raises(CorrtoolsError, match="every=1"):
         Recorder(model, p, sample=10, every=2, resume=True)
     with pytest.raises(CorrtoolsError, match="start_step=3 is before"):
@@ -321,7 +327,7 @@ def test_memory_is_a_fixed_ring_of_blocks(tmp_path):
 
 def test_zarr_low_level_reads_the_recorded_store(tmp_path):
     model = _Net()
-    with Recorder(model, tmp_path / "z.zarr", sample=7) as rec:
+    with Recorder(model, tmp_path / "z.zarr", sample=7, layout="uniform") as rec:
         for _ in range(5):
             rec.record()
     values = zarr.open_array(str(tmp_path / "z.zarr" / "values"), mode="r")
@@ -375,13 +381,13 @@ def test_attach_after_close_is_an_error(tmp_path):
 def test_info_command_json_and_errors(tmp_path, capsys):
     import json
 
-    with Recorder(_Net(), tmp_path / "i.zarr", sample=5) as rec:
+    with Recorder(_Net(), tmp_path / "i.zarr", sample=16) as rec:
         rec.record()
     parser = argparse.ArgumentParser()
     info_cmd.add_parser(parser.add_subparsers())
     assert info_cmd.run(parser.parse_args(["info", str(tmp_path / "i.zarr"), "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["status"] == "complete" and out["params"] == {"fc1.weight": 5, "fc2.weight": 5}
+    assert out["status"] == "complete" and out["params"] == {"fc1.weight": 16, "fc2.weight": 16}
     assert info_cmd.run(parser.parse_args(["info", str(tmp_path / "i.zarr")])) == 0
     text = capsys.readouterr().out
     assert "status      complete" in text and "steps       1 recorded, steps 1..1" in text
@@ -412,3 +418,49 @@ def test_auto_compressor_is_none_for_cpu_parameters_and_explicit_choice_wins(tmp
     Recorder(model, tmp_path / "lz4.zarr", sample=8, compressor="lz4").close()
     assert codecs(tmp_path / "auto.zarr") == ["bytes", "crc32c"]
     assert codecs(tmp_path / "lz4.zarr") == ["bytes", "blosc", "crc32c"]
+
+
+def _flat(p: torch.Tensor, index: np.ndarray) -> np.ndarray:
+    return p.detach().flatten()[torch.as_tensor(index)].float().numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_run_gather_equals_flat_indexing_also_with_a_short_last_run(tmp_path, dtype, contiguous):
+    """Runs are gathered as rows of a (numel // 16, 16) view, a short last run by flat indices: both
+    must give p.flatten()[index], in column order (checked against plain flat indexing)."""
+    from corrtools.record.sampling import sample_indices
+
+    numel = 40  # runs [0, 16), [16, 32) and the short [32, 40)
+    seed = next(s for s in range(100) if 39 in sample_indices(numel, 32, s, "w"))
+    model = nn.Module()
+    model.w = nn.Parameter(torch.randn(8, 5, dtype=dtype) if contiguous else torch.randn(5, 8, dtype=dtype).t())
+    model.v = nn.Parameter(torch.randn(48, 2, dtype=dtype))  # 96 weights = 6 whole runs
+    snaps = []
+    with Recorder(model, tmp_path / "g.zarr", sample=32, seed=seed) as rec:
+        assert [(run, b - a) for _, _, run, a, b in rec._groups[0].entries] == [(16, 16), (1, 8), (16, 32)]
+        for _ in range(2):
+            rec.record()
+            snaps.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            with torch.no_grad():
+                model.w.mul_(2.0)
+                model.v.add_(1.0)
+    ds = open_run(tmp_path / "g.zarr")
+    index, names = ds["index"].values, ds["param"].values
+    assert list(index[names == "w"][16:]) == list(range(32, 40))
+    for r, snap in enumerate(snaps):
+        want = np.concatenate([_flat(snap[n], index[names == n]) for n in ("w", "v")])
+        np.testing.assert_array_equal(ds["values"].values[r], want)
+
+
+def test_default_layout_reads_one_cache_line_per_16_weights(tmp_path):
+    """The per-step cost is memory traffic: the default sample must touch ceil(k / 16) 64-byte lines
+    of a float32 parameter, not ~k as uniform single weights do (issue 9)."""
+    model = nn.Module()
+    model.w = nn.Parameter(torch.randn(1024, 1024))  # 65536 lines of 16 weights
+    lines = {}
+    for layout in ("default", "uniform"):
+        kw = {} if layout == "default" else {"layout": layout}
+        Recorder(model, tmp_path / f"{layout}.zarr", sample=4096, **kw).close()
+        lines[layout] = len(np.unique(open_run(tmp_path / f"{layout}.zarr")["index"].values // 16))
+    assert lines["default"] == 4096 // 16 and lines["uniform"] > 3800

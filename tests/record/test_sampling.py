@@ -1,6 +1,8 @@
 """Sampling: which parameters, which weights, reproducibility."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -40,25 +42,57 @@ def test_names_predicate_and_unknown_name():
 
 
 def test_sample_indices_uniform_sorted_reproducible():
-    a = sample_indices(1000, 100, seed=1, name="x")
+    a = sample_indices(1000, 100, seed=1, name="x", layout="uniform")
     assert len(a) == 100 and len(np.unique(a)) == 100 and np.all(np.diff(a) > 0)
     assert a.min() >= 0 and a.max() < 1000
-    np.testing.assert_array_equal(a, sample_indices(1000, 100, seed=1, name="x"))
-    assert not np.array_equal(a, sample_indices(1000, 100, seed=2, name="x"))
-    assert not np.array_equal(a, sample_indices(1000, 100, seed=1, name="y"))
-    assert len(sample_indices(1000, 0.25, 0, "x")) == 250
-    np.testing.assert_array_equal(sample_indices(7, 100, 0, "x"), np.arange(7))
-    np.testing.assert_array_equal(sample_indices(7, 1.0, 0, "x"), np.arange(7))
-    assert len(sample_indices(7, 0.01, 0, "x")) == 1
+    np.testing.assert_array_equal(a, sample_indices(1000, 100, seed=1, name="x", layout="uniform"))
+    assert not np.array_equal(a, sample_indices(1000, 100, seed=2, name="x", layout="uniform"))
+    assert not np.array_equal(a, sample_indices(1000, 100, seed=1, name="y", layout="uniform"))
+    # the uniform layout draws exactly as before layouts existed (stores made then resume)
+    rng = np.random.default_rng([1, zlib.crc32(b"x")])
+    np.testing.assert_array_equal(a, np.sort(rng.choice(1000, size=100, replace=False)))
+    assert len(sample_indices(1000, 0.25, 0, "x", layout="uniform")) == 250
+    np.testing.assert_array_equal(sample_indices(7, 100, 0, "x", layout="uniform"), np.arange(7))
+    np.testing.assert_array_equal(sample_indices(7, 1.0, 0, "x", layout="uniform"), np.arange(7))
+    assert len(sample_indices(7, 0.01, 0, "x", layout="uniform")) == 1
 
 
 def test_sample_is_uniform():
     """Each of 20 positions is picked with probability 5/20 over many seeds (chi-square-ish bound)."""
     counts = np.zeros(20)
     for seed in range(2000):
-        counts[sample_indices(20, 5, seed, "w")] += 1
+        counts[sample_indices(20, 5, seed, "w", layout="uniform")] += 1
     expected = 2000 * 5 / 20
     assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected))
+
+
+def test_runs_are_aligned_whole_and_reproducible():
+    a = sample_indices(1000, 100, seed=1, name="x")  # the default layout
+    assert len(a) == 112  # 100 rounded up to 7 runs of 16
+    starts = a[::16]
+    assert not (starts % 16).any() and len(np.unique(starts)) == 7
+    np.testing.assert_array_equal(a, (starts[:, None] + np.arange(16)).reshape(-1))
+    np.testing.assert_array_equal(a, sample_indices(1000, 100, seed=1, name="x", layout="runs"))
+    assert not np.array_equal(a, sample_indices(1000, 100, seed=2, name="x"))
+    assert len(sample_indices(1024, 0.24, 0, "x")) == 256  # 246 -> 16 runs
+    assert len(sample_indices(1000, 0.25, 0, "x")) in (248, 256)  # 16 runs, the short last one or not
+    np.testing.assert_array_equal(sample_indices(40, 33, 0, "x"), np.arange(40))  # 3 runs = all
+    assert len(sample_indices(7, 0.01, 0, "x")) == 7  # one (short) run is the whole parameter
+
+
+def test_runs_give_every_weight_the_same_chance_also_in_the_short_last_run():
+    """numel 56 = 3 runs of 16 and one of 8; 2 of the 4 runs drawn: every weight has probability 1/2."""
+    counts = np.zeros(56)
+    for seed in range(2000):
+        counts[sample_indices(56, 32, seed, "w")] += 1
+    expected = 2000 / 2
+    assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected * 0.5))
+    np.testing.assert_array_equal(counts.reshape(-1, 8)[:, 0], counts[::8])  # runs move together
+
+
+def test_bad_layout_is_an_error():
+    with pytest.raises(CorrtoolsError, match="layout='lines' is unknown; use 'runs'"):
+        plan_samples(_Net(), layout="lines")
 
 
 @pytest.mark.parametrize("bad", [0, -3, 0.0, 1.5, True, "10", None])
@@ -68,7 +102,7 @@ def test_bad_sample_is_an_error(bad):
 
 
 def test_plan_notes_whole_parameters_and_skips():
-    plan = plan_samples(_Net(), sample=60, seed=0)
+    plan = plan_samples(_Net(), sample=60, seed=0, layout="uniform")
     by_name = {s.name: s for s in plan.samples}
     assert by_name["conv.weight"].whole and len(by_name["conv.weight"].index) == 54
     assert not by_name["fc.weight"].whole and len(by_name["fc.weight"].index) == 60
@@ -78,5 +112,5 @@ def test_plan_notes_whole_parameters_and_skips():
     assert plan.n_weights == len(names) == len(index) == 54 + 60 + 60
     assert names[:54] == ["conv.weight"] * 54  # grouped by parameter
     # adding a parameter does not change another's sample
-    other = plan_samples(_Net(), sample=60, seed=0, params=["fc.weight"])
+    other = plan_samples(_Net(), sample=60, seed=0, params=["fc.weight"], layout="uniform")
     np.testing.assert_array_equal(other.samples[0].index, by_name["fc.weight"].index)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import errno
 import os
 import signal
 import subprocess
@@ -366,17 +367,26 @@ def test_large_synthetic_store_writes_quickly(tmp_path):
     assert open_run(tmp_path / "big.zarr").sizes == {"step": T, "weight": n}
 
 
+@pytest.mark.parametrize("o_direct", [True, False])
+@pytest.mark.parametrize("cw", [10, 1000])
 @pytest.mark.parametrize("checksum", [True, False])
 @pytest.mark.parametrize("compressor", ["lz4", "none", "zstd"])
-def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, compressor, checksum):
-    """Whole chunks written without zarr's machinery are the bytes zarr writes itself."""
+def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, monkeypatch, compressor, checksum, cw, o_direct):
+    """Whole chunks written without zarr's machinery are the bytes zarr writes itself: chunks below
+    a page (written through the page cache) and above (whole pages with O_DIRECT where the file
+    system allows it, and with O_DIRECT unavailable)."""
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: opened.append((str(path), flags)) or real_open(path, flags, *a, **k))
+    if not o_direct:
+        monkeypatch.setattr(store_mod, "_O_DIRECT", 0)
     rng = np.random.default_rng(1)
-    n = 23
+    n = int(2.3 * cw)
     data = rng.normal(size=(11, n)).astype(np.float32)
     data[2, 3] = np.nan
     data[4, 5] = np.inf
     w = RunWriter.create(tmp_path / "d.zarr", param=["p"] * n, index=np.arange(n), initial=np.zeros(n),
-                         chunk_steps=4, chunk_weights=10, compressor=compressor, checksum=checksum)
+                         chunk_steps=4, chunk_weights=cw, compressor=compressor, checksum=checksum)
     assert (w._direct is None) == (compressor == "zstd")
     w.write_block(np.arange(8), data[:8])      # direct: two whole step-chunks, padded last column chunk
     w.write_block(np.arange(8, 10), data[8:10])  # direct: a partial step-chunk
@@ -389,3 +399,44 @@ def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, compressor, chec
     twin[:] = data
     for key in ("c/0/0", "c/0/2", "c/1/1", "c/2/2"):
         assert (tmp_path / "d.zarr" / "values" / key).read_bytes() == (tmp_path / "twin" / key).read_bytes(), key
+    direct_opens = sum(bool(f & getattr(os, "O_DIRECT", 0)) for path, f in opened if "values" in path)
+    if not (o_direct and cw == 1000 and compressor != "zstd" and hasattr(os, "O_DIRECT")):
+        assert direct_opens == 0
+    elif w._direct._o_direct:  # 0 only if this file system refused O_DIRECT
+        # 9 chunk files written directly: 3 x 3 raw, of which lz4 may compress some below a page
+        assert (direct_opens == 9) if compressor == "none" else (1 <= direct_opens <= 9), direct_opens
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_chunks_are_written_when_the_file_system_refuses_o_direct(tmp_path, monkeypatch, refused_at):
+    """tmpfs refuses O_DIRECT at open, some file systems only at the write: the writer falls back to
+    the page cache for good and writes the same values."""
+    real_open, real_write = os.open, os.write
+    direct_fds: set[int] = set()
+
+    def fake_open(path, flags, *a, **k):
+        if flags & os.O_DIRECT and refused_at == "open":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(path, flags, *a, **k)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def fake_write(fd, data):
+        if fd in direct_fds:
+            direct_fds.discard(fd)
+            real_write(fd, bytes(memoryview(data)[:4096]))  # a page lands, then the refusal
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "write", fake_write)
+    n = 3000
+    data = np.random.default_rng(2).normal(size=(8, n)).astype(np.float32)
+    w = RunWriter.create(tmp_path / "f.zarr", param=["p"] * n, index=np.arange(n), initial=np.zeros(n),
+                         chunk_steps=4, chunk_weights=1000, compressor="none")
+    w.write_block(np.arange(8), data)
+    assert w._direct._o_direct == 0
+    w.close(np.zeros(n), 8)
+    np.testing.assert_array_equal(open_run(tmp_path / "f.zarr")["values"].values, data)

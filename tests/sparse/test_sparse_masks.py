@@ -355,6 +355,21 @@ def test_masks_do_not_record_autograd():
         assert not m.requires_grad and m.grad_fn is None
 
 
+def test_block_mask_of_a_single_block_is_writable():
+    # a (32, 32) weight in 32x32 blocks is one block: its mask was a stride-0 view of one bool
+    # that the Sparsifier's in-place rewiring could not copy into
+    from torch import nn
+
+    from corrtools.sparse import Sparsifier
+
+    m = block_mask(torch.randn(32, 32), 1.0, 32)
+    assert m.is_contiguous() and m.all()
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 64), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = Sparsifier(model, opt, density=0.5, structure="block:32")
+    model(torch.randn(2, 32)).sum().backward(); opt.step(); sp.step()
+    assert sum(int(m.sum()) for m in sp.masks.values()) == 2 * 32 * 32  # 2 of the 3 blocks
+
 # ---------------------------------------------------------------- non-finite weights (NaN ranks lowest)
 NAN, INF = float("nan"), float("inf")
 
