@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/corrtools demo
+	$(VENV)/bin/corrtools demo --overwrite  # replaces runs/demo.zarr only if it is a run store
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

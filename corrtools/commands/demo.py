@@ -9,6 +9,8 @@ import argparse
 import time
 from pathlib import Path
 
+from corrtools.errors import CorrtoolsError
+
 __all__ = ["add_parser", "run", "DEMO_CONFIG"]
 
 # Chosen so the Δ plot is informative in about a minute on 2 CPU cores: AdamW with a cosine schedule,
@@ -51,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from corrtools.workloads import CharLMConfig, CharLMWorkload
 
     plot_path = args.plot or args.out.with_name(args.out.stem + "_delta.png")
-    check_new_store(args.out, overwrite=args.overwrite)  # fail on bad paths or density before training, not after
+    if args.out.exists() and not args.overwrite:  # fail on bad paths or density before training, not after
+        raise CorrtoolsError(f"{str(args.out)!r} already exists; pass --overwrite to replace it or choose "
+                             "another path with -o")
+    check_new_store(args.out, overwrite=args.overwrite)
     check_density(args.density)
     for folder in (args.out.parent, plot_path.parent):
         make_folder(folder)

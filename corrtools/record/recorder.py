@@ -202,7 +202,8 @@ class Recorder:
         if flush_every is not None and (isinstance(flush_every, bool) or not isinstance(flush_every, (int, float))
                                         or not flush_every > 0):
             raise CorrtoolsError(f"flush_every={flush_every!r} must be a positive number of seconds or None")
-        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
+        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer))
+                                       or start_step < 0):
             raise CorrtoolsError(f"start_step={start_step!r} must be a non-negative int (an optimizer step count)")
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise CorrtoolsError(

@@ -278,13 +278,15 @@ def _check_chunks(group: zarr.Group, n: int, arrays: Mapping[str, zarr.Array]) -
     """CorrtoolsError naming every chunk of the committed rows that is missing from the store.
 
     Checked: `step`, `values`, `param`, `index`, and every other array written with a checksum (those
-    are written with all their chunks, fill-valued ones included); `final` only once complete."""
+    are written with all their chunks, fill-valued ones included); `final` and the optional arrays
+    only once complete (while recording, an optional array that first appears mid-run has its
+    metadata on disk a moment before the fill chunks of its earlier rows)."""
     complete = group.attrs.get("status") == "complete"
     missing: list[str] = []
     for name, arr in arrays.items():
         if name not in (STEP, "values", "param", "index") and not _has_checksum(arr):
             continue  # an older store: zarr skipped chunks holding only fill values
-        if name == "final" and not complete:
+        if name not in _CORE and not complete or name == "final" and not complete:
             continue
         dims = arr.metadata.dimension_names or ()
         rows = n if dims and dims[0] == STEP else int(arr.shape[0])
