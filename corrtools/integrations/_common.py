@@ -1,6 +1,6 @@
 """What the Lightning and Hugging Face adapters share. Imports no framework.
 
-- `open_recorder`: a Recorder for a fit that starts after optimizer step ``step`` (0: a new run;
+- `recorder_options` / `open_recorder`: a Recorder for a fit that starts after optimizer step ``step`` (0: a new run;
   > 0: a fit resumed from a checkpoint, continuing the same store).
 - `LossMeter`: the mean of the micro-batch losses that went into one optimizer step.
 - `sparsifier_options` / `build_sparsifier`: the SparsifierCallbacks' settings, validated when the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,22 @@ __all__ = [
     "build_sparsifier",
     "latest_z",
     "open_recorder",
+    "recorder_options",
     "sparsifier_options",
     "sparsity_metrics",
     "follow_optimizer",
     "torch_optimizer",
 ]
+
+
+def recorder_options(
+    sample: Any, every: int, params: Any, seed: int, chunk_steps: int | None, compressor: str
+) -> dict[str, Any]:
+    """The Recorder's keyword arguments of a RecorderCallback, checked when the callback is made
+    (the rest are checked by the Recorder when training starts)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise CorrtoolsError(f"every={every!r} must be a positive int (record every k-th step)")
+    return dict(sample=sample, every=every, params=params, seed=seed, chunk_steps=chunk_steps, compressor=compressor)
 
 
 def open_recorder(
@@ -48,24 +59,25 @@ def open_recorder(
     rows it holds for steps after ``step`` belong to the continuation that was abandoned and are
     dropped, with a warning. Without a store a new one is begun, numbering rows like the trainer.
     """
+    from corrtools.record._location import Location
     from corrtools.record.recorder import Recorder
     from corrtools.record.store import truncate_run
 
-    p = Path(path)
-    if step > 0 and (p / "zarr.json").is_file():
-        dropped = truncate_run(p, step)
+    where = Location(path)  # a folder or an fsspec URL
+    if step > 0 and where.is_file("zarr.json"):
+        dropped = truncate_run(path, step)
         if dropped:
             warnings.warn(
-                f"corrtools: dropped {dropped} row(s) recorded after step {step} from {str(p)!r}: the fit "
-                f"resumes from a checkpoint taken at step {step}, so those steps are recorded again.",
+                f"corrtools: dropped {dropped} row(s) recorded after step {step} from {where.url!r}: the "
+                f"fit resumes from a checkpoint taken at step {step}, so those steps are recorded again.",
                 stacklevel=3,
             )
-        return Recorder(model, p, resume=True, start_step=step, **recorder_kwargs)
-    if p.exists() and not overwrite:
+        return Recorder(model, path, resume=True, start_step=step, **recorder_kwargs)
+    if where.exists() and not overwrite:
         raise CorrtoolsError(
-            f"{str(p)!r} already exists; pass overwrite=True to replace it, or {resume_hint} to continue it"
+            f"{where.url!r} already exists; pass overwrite=True to replace it, or {resume_hint} to continue it"
         )
-    rec = Recorder(model, p, overwrite=overwrite, **recorder_kwargs)
+    rec = Recorder(model, path, overwrite=overwrite, **recorder_kwargs)
     rec.step = step  # a store begun mid-run numbers its rows like the trainer
     return rec
 

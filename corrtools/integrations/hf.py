@@ -40,9 +40,11 @@ from corrtools.integrations._common import (
     build_sparsifier,
     follow_optimizer,
     open_recorder,
+    recorder_options,
     sparsifier_options,
     sparsity_metrics,
 )
+from corrtools.record._location import store_path
 from corrtools.record.sampling import ParamFilter, SampleSpec
 
 __all__ = ["RecorderCallback", "SparsifierCallback"]
@@ -67,13 +69,9 @@ class RecorderCallback(TrainerCallback):
         chunk_steps: int | None = None,
         compressor: str = "auto",
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise CorrtoolsError(f"every={every!r} must be a positive int (record every k-th step)")
-        self.path = Path(path)
+        self.path = store_path(path)  # a folder, or an fsspec URL kept as it is
         self.overwrite = overwrite
-        self._kwargs: dict[str, Any] = dict(
-            sample=sample, every=every, params=params, seed=seed, chunk_steps=chunk_steps, compressor=compressor
-        )
+        self._kwargs = recorder_options(sample, every, params, seed, chunk_steps, compressor)
         self.recorder: Any = None  # the corrtools.Recorder while training runs
 
     def on_train_begin(

@@ -758,18 +758,10 @@ class RunWriter:
         lock = _lock(p)
         lock.acquire()
         try:
-            n = int(_array(group, STEP).shape[0])
-            for arr in [_array(group, "values"), *_step_arrays(group).values()]:
-                if arr.shape[0] > n:
-                    arr.resize((n, *arr.shape[1:]))
+            _shrink_rows(group, int(_array(group, STEP).shape[0]))
             for leftover in p.local.rglob("*.partial") if p.local else ():  # writes cut short by a kill
                 leftover.unlink(missing_ok=True)
-            final = _array(group, "final").with_config(_WRITE_ALL)  # a NaN chunk, not a deleted one
-            final[:] = np.full(final.shape, np.nan, dtype=np.float32)
-            attrs = dict(group.attrs)
-            attrs.pop("total_steps", None)
-            attrs["status"] = "recording"
-            group.attrs.put(attrs)
+            _mark_recording(group)
         except BaseException:
             lock.release()
             raise
@@ -911,6 +903,23 @@ class RunWriter:
         self.abandon()
 
 
+def _shrink_rows(group: zarr.Group, n: int) -> None:
+    """Cut `values` and every optional step array to their first `n` rows (`step` is not touched)."""
+    for arr in [_array(group, "values"), *_step_arrays(group).values()]:
+        if arr.shape[0] > n:
+            arr.resize((n, *arr.shape[1:]))
+
+
+def _mark_recording(group: zarr.Group) -> None:
+    """Status "recording" again: `final` NaN, no `total_steps`."""
+    final = _array(group, "final").with_config(_WRITE_ALL)  # a NaN chunk, not a deleted one
+    final[:] = np.full(final.shape, np.nan, dtype=np.float32)
+    attrs = dict(group.attrs)
+    attrs.pop("total_steps", None)
+    attrs["status"] = "recording"
+    group.attrs.put(attrs)
+
+
 def truncate_run(path: PathLike, after_step: int) -> int:
     """Drop the rows taken after optimizer step ``after_step`` and return how many were dropped.
 
@@ -929,16 +938,9 @@ def truncate_run(path: PathLike, after_step: int) -> int:
         keep = int(np.searchsorted(steps, int(after_step), side="right"))
         dropped = len(steps) - keep
         if dropped:
-            step_arr.resize((keep,))
-            for arr in [_array(group, "values"), *_step_arrays(group).values()]:
-                if arr.shape[0] > keep:
-                    arr.resize((keep, *arr.shape[1:]))
-            final = _array(group, "final").with_config(_WRITE_ALL)  # a NaN chunk, not a deleted one
-            final[:] = np.full(final.shape, np.nan, dtype=np.float32)
-            attrs = dict(group.attrs)
-            attrs.pop("total_steps", None)
-            attrs["status"] = "recording"
-            group.attrs.put(attrs)
+            step_arr.resize((keep,))  # the commit record first
+            _shrink_rows(group, keep)
+            _mark_recording(group)
     finally:
         lock.release()
     return dropped

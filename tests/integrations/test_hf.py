@@ -5,8 +5,6 @@ callback in on_step_end; for the loss, the trainer's own logs.
 """
 from __future__ import annotations
 
-import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from transformers import (
 
 from corrtools import Reset, open_run
 from corrtools.errors import CorrtoolsError
+from _callback_reference import expected_values
 from corrtools.integrations.hf import RecorderCallback, SparsifierCallback
 
 pytestmark = pytest.mark.filterwarnings(
@@ -89,14 +88,6 @@ def _train(tmp_path, model, callbacks, max_steps, resume=None, **kw) -> _Logs:
     return seen
 
 
-def _expected_values(ds, seen: _Logs, steps) -> np.ndarray:
-    params, index = ds["param"].values, ds["index"].values
-    return np.stack([
-        np.array([seen.at[int(s)][p].reshape(-1)[i] for p, i in zip(params, index)], dtype=np.float32)
-        for s in steps
-    ])
-
-
 def test_rows_values_and_loss_under_gradient_accumulation(tmp_path):
     plain = _train(tmp_path, _gpt2(), [], max_steps=4, gradient_accumulation_steps=2)
     path = tmp_path / "run.zarr"
@@ -107,8 +98,8 @@ def test_rows_values_and_loss_under_gradient_accumulation(tmp_path):
     ds = open_run(path)
     assert ds.attrs["status"] == "complete" and ds.attrs["total_steps"] == 4
     np.testing.assert_array_equal(ds["step"].values, [1, 2, 3, 4])  # the trainer's global steps
-    np.testing.assert_array_equal(ds["values"].values, _expected_values(ds, seen, [1, 2, 3, 4]))
-    np.testing.assert_array_equal(ds["initial"].values, _expected_values(ds, seen, [0])[0])
+    np.testing.assert_array_equal(ds["values"].values, expected_values(ds, seen.at, [1, 2, 3, 4]))
+    np.testing.assert_array_equal(ds["initial"].values, expected_values(ds, seen.at, [0])[0])
     np.testing.assert_allclose(ds["loss"].values, [log["loss"] for log in seen.logs], rtol=1e-6)
     assert "transformer.h.0.attn.c_attn.weight" in set(ds["param"].values)  # Conv1D weights are recorded
 

@@ -6,7 +6,6 @@ callback whenever trainer.global_step moves; for the loss, the losses the module
 from __future__ import annotations
 
 import csv
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +16,7 @@ from torch import nn
 
 from corrtools import Reset, open_run
 from corrtools.errors import CorrtoolsError
+from _callback_reference import expected_values
 from corrtools.integrations.lightning import RecorderCallback, SparsifierCallback
 
 pytestmark = pytest.mark.filterwarnings(
@@ -77,15 +77,6 @@ def _trainer(tmp_path: Path, callbacks: list, max_steps: int, **kw) -> L.Trainer
     )
 
 
-def _expected_values(ds, snaps: _Snapshots, steps) -> np.ndarray:
-    """(steps, weights) the store should hold: each column's parameter at its flat index."""
-    params, index = ds["param"].values, ds["index"].values
-    return np.stack([
-        np.array([snaps.at[int(s)][p].reshape(-1)[i] for p, i in zip(params, index)], dtype=np.float32)
-        for s in steps
-    ])
-
-
 def test_rows_values_and_loss_under_gradient_accumulation(tmp_path):
     # without the callback: the reference training result
     plain = _Net()
@@ -99,9 +90,9 @@ def test_rows_values_and_loss_under_gradient_accumulation(tmp_path):
     ds = open_run(tmp_path / "run.zarr")
     assert ds.attrs["status"] == "complete" and ds.attrs["total_steps"] == 6
     np.testing.assert_array_equal(ds["step"].values, np.arange(1, 7))  # one row per optimizer step
-    np.testing.assert_array_equal(ds["values"].values, _expected_values(ds, snaps, range(1, 7)))
-    np.testing.assert_array_equal(ds["initial"].values, _expected_values(ds, snaps, [0])[0])
-    np.testing.assert_array_equal(ds["final"].values, _expected_values(ds, snaps, [6])[0])
+    np.testing.assert_array_equal(ds["values"].values, expected_values(ds, snaps.at, range(1, 7)))
+    np.testing.assert_array_equal(ds["initial"].values, expected_values(ds, snaps.at, [0])[0])
+    np.testing.assert_array_equal(ds["final"].values, expected_values(ds, snaps.at, [6])[0])
     # loss of step s: the mean of its two micro-batch losses, as training_step computed them
     want = np.asarray(net.losses, dtype=np.float64).reshape(6, 2).mean(axis=1)
     np.testing.assert_allclose(ds["loss"].values, want, rtol=1e-6)
@@ -131,7 +122,7 @@ def test_exception_leaves_a_recording_store_and_resume_continues_it(tmp_path):
     assert ds.attrs["status"] == "complete" and ds.attrs["resumed"] == [4]
     np.testing.assert_array_equal(ds["step"].values, np.arange(1, 9))
     np.testing.assert_array_equal(ds["values"].values[:4], before)  # the rows up to the checkpoint stay
-    np.testing.assert_array_equal(ds["values"].values[4:], _expected_values(ds, snaps, range(5, 9)))
+    np.testing.assert_array_equal(ds["values"].values[4:], expected_values(ds, snaps.at, range(5, 9)))
 
 
 def test_resumed_sparse_fit_equals_the_uninterrupted_one(tmp_path):
@@ -247,3 +238,15 @@ def test_import_corrtools_imports_no_framework():
             "print(sorted(m for m in ('lightning', 'transformers', 'accelerate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_records_to_an_fsspec_url(tmp_path):
+    url = "memory://corrtools-lightning-test/run.zarr"
+    try:
+        _trainer(tmp_path, [RecorderCallback(url, sample=8)], max_steps=3).fit(_Net(), _data())
+        ds = open_run(url)
+        assert ds["step"].values.tolist() == [1, 2, 3] and ds.attrs["status"] == "complete"
+    finally:
+        import fsspec
+
+        fsspec.filesystem("memory").rm("/corrtools-lightning-test", recursive=True)
