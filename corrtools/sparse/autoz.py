@@ -6,7 +6,9 @@ time non-participating weights take to decorrelate, so z ≈ Δ of n is the smal
 nothing.
 
 Sample. For each sparse layer, ``sample`` weights drawn uniformly without replacement with the
-recorder's sampler (``sample_indices(numel, sample, seed, name)``), fixed for the run.
+recorder's sampler (``sample_indices(numel, sample, seed, name, layout="uniform")``), fixed for the
+run. The recorder's default layout (aligned runs of 16 weights) is not used here: neighbouring weights
+are slightly correlated, and the estimator's gather of a few hundred weights per layer is cheap anyway.
 
 Uncut segments. A reset sets n to 0, so a window that spans a reset measures the jump, not learning.
 Estimates therefore use only ``window`` consecutive steps that no reset has cut:
@@ -175,7 +177,9 @@ class ZEstimator:
         self._values: list[Tensor] = []  # per layer (W, k) float32 ring of sampled values
         self._masks: list[Tensor] = []  # per layer (W, k) bool ring: participating at that step
         for name, w in weights.items():
-            idx = sample_indices(w.numel(), config.sample, config.seed, name)
+            # uniform single weights (not the recorder's default runs of 16): the median over a few
+            # hundred weights wants independent draws, and this gather is small
+            idx = sample_indices(w.numel(), config.sample, config.seed, name, layout="uniform")
             self._index.append(torch.as_tensor(idx, dtype=torch.int64, device=w.device))
             self._values.append(torch.zeros((W, len(idx)), dtype=torch.float32, device=w.device))
             self._masks.append(torch.zeros((W, len(idx)), dtype=torch.bool, device=w.device))
