@@ -983,38 +983,31 @@ def check_new_store(path: PathLike, overwrite: bool = False) -> None:
     ``overwrite`` a corrtools run store that no writer holds (or an empty folder); of a sharded
     store, no rank's part may be held either. Writes nothing."""
     where = Location(path)
-    if where.local is None:
+    p = where.local
+    if p is None:  # an object store: a "folder" is a key prefix
         if not where.exists():
             return
-        for part in [where, *_part_locations(where)]:
-            holder = _lock(part).holder()
-            if holder is not None:
-                raise _lock(part).busy(holder)
-        if not overwrite:
-            raise CorrtoolsError(
-                f"{where.url!r} already exists; pass overwrite=True to replace it or resume=True to continue it"
-            )
-        if _is_run_store(where):
+        shown, folder = where.url, True
+    else:
+        if not (p.exists() or p.is_symlink()):
             return
-        raise CorrtoolsError(
-            f"{where.url!r} exists and is not a corrtools run store; refusing to replace it with "
-            "overwrite=True, delete it yourself or choose another path"
-        )
-    p = where.local
-    if not (p.exists() or p.is_symlink()):
-        return
-    for part in [p, *_part_locations(where)] if p.is_dir() else []:
+        shown, folder = str(p), p.is_dir()
+    for part in [where if p is None else p, *_part_locations(where)] if folder else []:
         holder = _lock(part).holder()
         if holder is not None:
             raise _lock(part).busy(holder)
     if not overwrite:
         raise CorrtoolsError(
-            f"{str(p)!r} already exists; pass overwrite=True to replace it or resume=True to continue it"
+            f"{shown!r} already exists; pass overwrite=True to replace it or resume=True to continue it"
         )
-    if p.is_dir() and not p.is_symlink() and (_is_run_store(p) or not any(p.iterdir())):
+    if p is None:
+        replaceable = _is_run_store(where)
+    else:
+        replaceable = p.is_dir() and not p.is_symlink() and (_is_run_store(p) or not any(p.iterdir()))
+    if replaceable:
         return
     raise CorrtoolsError(
-        f"{str(p)!r} exists and is not a corrtools run store; refusing to replace it with "
+        f"{shown!r} exists and is not a corrtools run store; refusing to replace it with "
         "overwrite=True, delete it yourself or choose another path"
     )
 
