@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from corrtools.errors import CorrtoolsError
-from corrtools.workloads.training import optimizer_and_schedule
+from corrtools.workloads.training import optimizer_and_schedule, take_step
 from corrtools.workloads.text import VOCAB_SIZE, encode, stdlib_text
 
 __all__ = ["CharLMConfig", "CharTransformer", "CharLMWorkload"]
@@ -175,16 +175,7 @@ class CharLMWorkload:
 
     def train_step(self, after_step: Callable[[], None] | None = None) -> float:
         """One optimizer step; ``after_step`` runs right after ``optimizer.step()`` (e.g. a Sparsifier)."""
-        self.model.train()
-        x, y = self.get_batch()
-        loss = self.loss(x, y)
-        loss.backward()
-        self.optimizer.step()
-        if after_step is not None:
-            after_step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return take_step(self.model, self.optimizer, self.scheduler, lambda: self.loss(*self.get_batch()), after_step)
 
     @torch.no_grad()
     def evaluate(self, batches: int = 8, seed: int | None = None) -> float:

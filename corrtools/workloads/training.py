@@ -1,13 +1,14 @@
-"""The optimizer and learning-rate schedule the built-in workloads share."""
+"""The optimizer, learning-rate schedule and training step the built-in workloads share."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["optimizer_and_schedule"]
+__all__ = ["optimizer_and_schedule", "take_step"]
 
 
 def optimizer_and_schedule(model: nn.Module, cfg: Any) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -29,3 +30,24 @@ def optimizer_and_schedule(model: nn.Module, cfg: Any) -> tuple[torch.optim.Opti
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def take_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss: Callable[[], torch.Tensor],
+    after_step: Callable[[], None] | None = None,
+) -> float:
+    """One optimizer step on ``loss()`` (a scalar computed on a fresh batch); ``after_step`` runs
+    right after ``optimizer.step()`` (e.g. a Sparsifier), before the schedule advances. Returns the
+    loss as a float."""
+    model.train()
+    value = loss()
+    value.backward()
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(value.detach())
