@@ -14,13 +14,16 @@ split evenly over its three matrices (~3,300 / ~34,000 each). Modes:
 
 Each recorder keeps one store open for the whole benchmark and is attached only during its own
 blocks; at the end of a block the benchmark waits until the recorder's writer thread has written
-every block handed to it, so background writing is charged to the mode that caused it. The step
-time of a mode is the median over rounds of its blocks' mean step time (wall clock, including the
-wait for the writer). Prints a table and the ratios to no recorder; ``cpu_ms`` is the CPU time of the
-whole process per step (training, the writer thread, zarr's threads), a figure less sensitive to
-other load on the machine than the wall clock; ``extra_us`` is the step time over no recorder in
-microseconds, ``hook_us`` the median time of the Recorder's own per-step work (the gather into the
-host block, inside the optimizer hook) and ``write_us`` the writer thread's CPU time per row.
+every block handed to it, so background writing is charged to the mode that caused it. Rounds run
+every mode once, in rotated order, in short blocks. A mode's overhead is the mean over rounds of its
+block time over the same round's no-recorder block, minus 1, printed with a 95% bootstrap interval
+over rounds: pairing within a round cancels the machine's drift, which on this 2-core VM moves the
+step time by 10-20% over a minute. naive_1e5 runs after the rest, paired with its own no-recorder
+blocks, and is charged the page cache's writeback (``os.sync``) of its appends. ``step_ms`` is the
+median block time; ``cpu_ms`` the CPU time of the whole process per step (training, the writer
+thread, zarr's threads); ``extra_us`` the overhead in microseconds of a no-recorder step;
+``hook_us`` the median time of the Recorder's own per-step work (the gather into the host block,
+inside the optimizer hook) and ``write_us`` the writer thread's CPU time per row.
 Goal: recorder_1e5 overhead <= 3% and recorder_1e4 <= 1% on both workloads, and >= 10x less overhead
 than naive_1e5. ``--uniform`` adds the mode ``uniform_1e5``: recorder_1e5 with ``layout="uniform"``
 (single weights) instead of the default runs of 16.
@@ -36,6 +39,7 @@ that every store carries, and prints what the checksum costs per step.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -136,6 +140,13 @@ def _crc_alone(n_weights: int, step_s: float, rows: int = 64) -> str:
             f"({len(data) / rows / per_row / 1e9:.1f} GB/s), {per_row / step_s * 100:.2f}% of a no-recorder step")
 
 
+def _bootstrap_ci(x: np.ndarray, level: float = 0.95, n: int = 4000) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``x`` (resampling rounds), seeded."""
+    rng = np.random.default_rng(0)
+    means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(axis=1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
 def _matrices(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.dim() >= 2 and p.is_floating_point()]
 
@@ -153,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model and blocks: seconds, for tests")
     ap.add_argument("--workload", default="charlm", choices=("charlm", "mlp"),
                     help="charlm (default): the built-in CharLM; mlp: MLP 512-1024-1024-512, AdamW, batch 64")
-    ap.add_argument("--rounds", type=int, default=None, help="blocks per mode (default charlm 5, mlp 8; quick 2)")
-    ap.add_argument("--block", type=int, default=None, help="steps per block (default charlm 80, mlp 60; quick 10)")
+    ap.add_argument("--rounds", type=int, default=None, help="blocks per mode (default charlm 24, mlp 40; quick 2)")
+    ap.add_argument("--block", type=int, default=None, help="steps per block (default charlm 16, mlp 20; quick 10)")
     ap.add_argument("--uniform", action="store_true",
                     help="add the mode uniform_1e5: recorder_1e5 with layout='uniform' (single weights)")
     ap.add_argument("--threads", type=int, default=None,
@@ -173,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds, block = args.rounds or 2, args.block or 10
     else:
         targets = {"recorder_1e4": 10_000, "recorder_1e5": 100_000}
-        rounds, block = args.rounds or (8 if mlp else 5), args.block or (60 if mlp else 80)
+        rounds, block = args.rounds or (40 if mlp else 24), args.block or (20 if mlp else 16)
     wl: Any
     if mlp:
         wl = MLPWorkload((64, 128, 128, 64), batch=16) if args.quick else MLPWorkload()
@@ -200,26 +211,36 @@ def main(argv: list[str] | None = None) -> int:
     naive = NaiveRecorder(wl.model, root / "naive.zarr", sample["recorder_1e5"])
     weights = {"none": 0, **{m: r.n_weights for m, r in recorders.items()},
                "naive_1e5": naive.array.shape[1]}
-    modes = ["none", *recorders, "naive_1e5"]
+    modes = ["none", *recorders]
     for _ in range(3):  # warm-up: allocator, first-call overheads
         wl.train_step()
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    cpu: dict[str, list[float]] = {m: [] for m in modes}  # CPU time of the whole process, all threads
+    times: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}
+    cpu: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}  # process CPU, all threads
+
+    def measure(mode: str) -> None:
+        rec = recorders.get(mode)
+        after = naive.step if mode == "naive_1e5" else None
+        if rec is not None:
+            rec.attach(wl.optimizer)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(block):
+            wl.train_step(after_step=after)
+        if rec is not None:
+            rec.detach()
+            rec._wait_writer()  # background writing is charged to the block that caused it
+        if mode == "naive_1e5":
+            os.sync()  # and the page cache's writeback of the naive appends to the naive blocks
+        times[mode].append((time.perf_counter() - t0) / block)
+        cpu[mode].append((time.process_time() - c0) / block)
+
     for r in range(rounds):
-        order = modes[r % len(modes):] + modes[: r % len(modes)]  # rotate to spread drift evenly
-        for mode in order:
-            rec = recorders.get(mode)
-            after = naive.step if mode == "naive_1e5" else None
-            if rec is not None:
-                rec.attach(wl.optimizer)
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(block):
-                wl.train_step(after_step=after)
-            if rec is not None:
-                rec.detach()
-                rec._wait_writer()
-            times[mode].append((time.perf_counter() - t0) / block)
-            cpu[mode].append((time.process_time() - c0) / block)
+        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:  # rotate to spread drift evenly
+            measure(mode)
+    # the naive recorder is 3-6x slower and leaves dirty pages behind: measured apart, after the rest
+    naive_rounds = max(2, rounds // 8)
+    for r in range(naive_rounds):
+        for mode in (("none", "naive_1e5") if r % 2 == 0 else ("naive_1e5", "none")):
+            measure(mode)
     for rec in recorders.values():
         rec.close()
     hook = {m: statistics.median(r.hook_s) for m, r in recorders.items()}
@@ -228,25 +249,33 @@ def main(argv: list[str] | None = None) -> int:
              for m in recorders}
     tmp.cleanup()
 
+    # per round: a mode's block time over the same round's no-recorder block (pairs cancel drift)
+    none = np.array(times["none"])
+    ratio = {m: np.array(times[m][: rounds]) / none[: rounds] for m in modes}
+    ratio["naive_1e5"] = np.array(times["naive_1e5"]) / none[rounds:]
+    over = {m: float(v.mean() - 1) for m, v in ratio.items()}
+    ci = {m: _bootstrap_ci(v - 1) for m, v in ratio.items()}
     step = {m: statistics.median(v) for m, v in times.items()}
     proc = {m: statistics.median(v) for m, v in cpu.items()}
     base = step["none"]
     print(f"recorder overhead: {title} ({n_matrix} matrix weights), "
-          f"{rounds} rounds x {block} steps per mode, torch {torch.__version__}, "
+          f"{rounds} rounds x {block} steps per mode (naive: {naive_rounds} rounds apart), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load {' '.join(open('/proc/loadavg').read().split()[:3])}")
-    print(f"{'mode':<14}{'weights':>9}{'step_ms':>10}{'ratio':>8}{'cpu_ms':>9}{'extra_us':>10}{'hook_us':>9}{'write_us':>10}")
-    for m in modes:
+    print(f"{'mode':<14}{'weights':>9}{'step_ms':>10}{'overhead':>10} {'95% CI':<18}{'cpu_ms':>9}{'extra_us':>10}"
+          f"{'hook_us':>9}{'write_us':>10}")
+    for m in [*modes, "naive_1e5"]:
         h = f"{hook[m] * 1e6:>9.0f}{write[m] * 1e6:>10.0f}" if m in recorders else f"{'-':>9}{'-':>10}"
-        print(f"{m:<14}{weights[m]:>9}{step[m] * 1e3:>10.3f}{step[m] / base:>8.3f}{proc[m] * 1e3:>9.3f}"
-              f"{(step[m] - base) * 1e6:>10.0f}{h}")
-    over = {m: step[m] / base - 1 for m in modes}
+        o = (f" {over[m] * 100:>+8.1f}% {ci[m][0] * 100:>+7.1f}..{ci[m][1] * 100:>+.1f}%".ljust(29) if m != "none"
+             else f" {'-':>9} {'-':<18}")
+        print(f"{m:<14}{weights[m]:>9}{step[m] * 1e3:>10.3f}{o}{proc[m] * 1e3:>9.3f}"
+              f"{over.get(m, 0.0) * base * 1e6 if m != 'none' else 0:>10.0f}{h}")
     factor = over["naive_1e5"] / over["recorder_1e5"] if over["recorder_1e5"] > 0 else float("inf")
     print(f"overhead {args.workload} recorder_1e5: {over['recorder_1e5'] * 100:.1f}% (goal <= 3%); "
           f"recorder_1e4: {over['recorder_1e4'] * 100:.1f}% (goal <= 1%); naive_1e5: {over['naive_1e5'] * 100:.1f}%"
           + (f"; uniform_1e5: {over['uniform_1e5'] * 100:.1f}%" if args.uniform else ""))
     print(f"naive/recorder overhead at 1e5: {factor:.1f}x (goal >= 10x)")
     if args.checksum_cost:
-        print(f"checksum cost at 1e5: step {(step['recorder_1e5'] / step['nocrc_1e5'] - 1) * 100:+.1f}%, "
+        print(f"checksum cost at 1e5: step {(over['recorder_1e5'] - over['nocrc_1e5']) * 100:+.1f}% of a step, "
               f"process CPU {(proc['recorder_1e5'] / proc['nocrc_1e5'] - 1) * 100:+.1f}% "
               f"(recorder_1e5 with crc32c vs nocrc_1e5 without)")
         print(_crc_alone(weights["recorder_1e5"], base))

@@ -89,6 +89,10 @@ class _Block:
     flushed: int = 0            # rows [0, flushed) already handed to the writer
     event: Any = None           # CUDA event after the last copy into this block
     z: np.ndarray | None = None # (chunk_steps,) RESET interval per row, once one was logged (log_z)
+    dst: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)
+    # per device group, per piece: a (chunk_steps, k, run) view of the piece's columns; row i's
+    # destination is dst[g][e].select(0, i) (CPU groups), or for a staged group its one (chunk_steps,
+    # stop - start) view of the group's columns (built once, see Recorder._new_block)
 
     def reset(self) -> None:
         self.k, self.flushed, self.event = 0, 0, None
@@ -99,6 +103,42 @@ class _Block:
         self.lr[:] = np.nan
 
 
+class _Piece:
+    """One gather of a parameter into the columns [start, stop): ``idx`` (k,) flat indices (``run=1``)
+    or numbers of aligned runs of ``run`` weights. Keeps the parameter's detached (numel // run, run)
+    source view while the parameter's storage stays the same (checked by pointer at every row: a
+    replaced ``p.data`` or an FSDP2 shard swap builds a new view). Caching it, and the destination
+    views of :class:`_Block`, keeps the per-step Python work to one torch call per piece: the hook
+    runs right after the optimizer step, when every extra call pays for cold caches."""
+
+    __slots__ = ("param", "idx", "run", "start", "stop", "_ptr", "_src")
+
+    def __init__(self, param: nn.Parameter, idx: torch.Tensor, run: int, start: int, stop: int) -> None:
+        self.param, self.idx, self.run, self.start, self.stop = param, idx, run, start, stop
+        self._ptr, self._src = -1, torch.empty(0)
+
+    def source(self) -> torch.Tensor:
+        """(numel // run, run) -- or (numel,) for run 1 -- detached view of the (local) parameter."""
+        p = local_tensor(self.param)
+        ptr = p.data_ptr()
+        if ptr != self._ptr or self._src.dtype != p.dtype:
+            flat = p.detach().reshape(-1)  # a view when contiguous, else a copy (re-made every row)
+            if self.run > 1:
+                n = flat.numel() // self.run * self.run
+                flat = flat[:n].view(-1, self.run)
+            self._src = flat
+            self._ptr = ptr if p.is_contiguous() else -1
+        return self._src
+
+    def gather_into(self, out: torch.Tensor) -> None:
+        """out (k,) -- or (k, run) for runs -- float32 <- p.flatten()[i] for the sampled i, in column order."""
+        src = self.source()
+        if src.dtype == torch.float32:
+            torch.index_select(src, 0, self.idx, out=out)
+        else:
+            out.copy_(torch.index_select(src, 0, self.idx))
+
+
 @dataclasses.dataclass
 class _DeviceGroup:
     """The columns [start, stop) whose parameters live on one device."""
@@ -106,8 +146,9 @@ class _DeviceGroup:
     device: torch.device
     start: int
     stop: int
-    entries: list[tuple[nn.Parameter, torch.Tensor, int, int, int]]  # (param, idx, run, col start, col stop)
+    entries: list[_Piece]
     staging: torch.Tensor | None = None                                # (stop - start,) float32 on device
+    staging_views: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per piece, into staging
 
 
 def _pieces(index: np.ndarray, numel: int) -> list[tuple[np.ndarray, int, int, int]]:
@@ -122,23 +163,6 @@ def _pieces(index: np.ndarray, numel: int) -> list[tuple[np.ndarray, int, int, i
     ):
         return [(firsts // RUN, RUN, 0, m)] + ([(index[m:], 1, m, k)] if m < k else [])
     return [(index, 1, 0, k)]
-
-
-def _gather(p: torch.Tensor, idx: torch.Tensor, run: int, out: torch.Tensor) -> None:
-    """out (k,) float32 <- p.flatten()[i] for the flat indices i of ``idx``: with ``run=1`` flat
-    indices (index_select on the flat view is ~3x faster than take), else numbers of aligned runs
-    of ``run`` weights, gathered as rows of a (numel // run, run) view; of a sharded parameter, its
-    local shard."""
-    p = local_tensor(p)
-    flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
-    if run > 1:
-        n = flat.numel() // run * run
-        flat = (flat if n == flat.numel() else flat[:n]).view(-1, run)
-        out = out.view(-1, run)
-    if p.dtype == torch.float32:
-        torch.index_select(flat, 0, idx, out=out)
-    else:
-        out.copy_(torch.index_select(flat, 0, idx))
 
 
 def _lower_priority(nice: int = 10) -> None:
@@ -497,17 +521,14 @@ class Recorder:
             cur = self._current = self._get_free()
             self._current_prev = self._last_row_step  # step of the row before this block
         i = cur.k
-        row = cur.tensor[i]
-        with torch.no_grad():
-            for g in self._groups:
-                if g.staging is None:  # CPU: straight into the host row
-                    for p, idx, run, a, b in g.entries:
-                        _gather(p, idx, run, row[a:b])
-                else:
-                    base = g.start
-                    for p, idx, run, a, b in g.entries:
-                        _gather(p, idx, run, g.staging[a - base : b - base])
-                    row[g.start : g.stop].copy_(g.staging, non_blocking=True)
+        for g, views in zip(self._groups, cur.dst):
+            if g.staging is None:  # CPU: straight into the host row
+                for piece, view in zip(g.entries, views):
+                    piece.gather_into(view.select(0, i))
+            else:
+                for piece, view in zip(g.entries, g.staging_views):
+                    piece.gather_into(view)
+                views[0].select(0, i).copy_(g.staging, non_blocking=True)
         cur.steps[i] = step
         cur.lr[i] = lr
         cur.loss_sum[i] += self._pending_sum
@@ -525,6 +546,12 @@ class Recorder:
         t = torch.empty((self.chunk_steps, self.n_weights), dtype=torch.float32, pin_memory=pin)
         cs = self.chunk_steps
         block = _Block(t.numpy(), t, np.zeros(cs, np.int64), np.zeros(cs), np.zeros(cs, np.int64), np.zeros(cs))
+        for g in self._groups:
+            if g.staging is None:
+                block.dst.append([t[:, e.start : e.stop].view(cs, -1, e.run) if e.run > 1 else t[:, e.start : e.stop]
+                                  for e in g.entries])
+            else:
+                block.dst.append([t[:, g.start : g.stop]])
         block.reset()
         return block
 
@@ -659,10 +686,10 @@ class Recorder:
         out = torch.empty(self.n_weights, dtype=torch.float32)
         with torch.no_grad():
             for g in self._groups:
-                for p, idx, run, a, b in g.entries:
-                    piece = torch.empty(b - a, dtype=torch.float32, device=local_tensor(p).device)
-                    _gather(p, idx, run, piece)
-                    out[a:b] = piece.cpu()
+                for e in g.entries:
+                    piece = torch.empty(e.stop - e.start, dtype=torch.float32, device=local_tensor(e.param).device)
+                    e.gather_into(piece.view(-1, e.run) if e.run > 1 else piece)
+                    out[e.start : e.stop] = piece.cpu()
         return out.numpy()
 
     def _check_devices(self) -> None:
@@ -694,11 +721,14 @@ class Recorder:
                 if p.device != d:
                     continue
                 for idx, run, a, b in _pieces(s.index, s.numel):
-                    entries.append((p, torch.as_tensor(idx, dtype=torch.int64, device=d), run, col + a, col + b))
+                    entries.append(_Piece(p, torch.as_tensor(idx, dtype=torch.int64, device=d), run, col + a, col + b))
                 col += len(s.index)
             stage = d.type != "cpu" or self._stage_on_cpu
             staging = torch.empty(col - start, dtype=torch.float32, device=d) if stage else None
-            groups.append(_DeviceGroup(d, start, col, entries, staging))
+            views = [] if staging is None else [
+                staging[e.start - start : e.stop - start].view(-1, e.run) if e.run > 1 else staging[e.start - start : e.stop - start]
+                for e in entries]
+            groups.append(_DeviceGroup(d, start, col, entries, staging, views))
         return groups
 
     def _check_resumable(self, names: Sequence[str], index: np.ndarray, start_step: int | None) -> int:

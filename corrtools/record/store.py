@@ -522,6 +522,7 @@ class _DirectChunks:
         # page-aligned staging for one encoded chunk (blosc can exceed the raw size by its header)
         self._buf = mmap.mmap(-1, -(-(raw + raw // 16 + 4096) // _PAGE) * _PAGE)
         self._staged = np.frombuffer(self._buf, dtype="<f4", count=self._cs * self._cw).reshape(self._cs, self._cw)
+        self._made: set[Path] = set()  # chunk folders known to exist
         self._o_direct = _O_DIRECT  # cleared for good once the file system refuses it
 
     @classmethod
@@ -578,7 +579,9 @@ class _DirectChunks:
                     tail = np.uint32(google_crc32c.value(readonly)).astype("<u4").tobytes()
                 key = self._array.metadata.encode_chunk_key(((row0 + r) // cs, c // cw))
                 target = self._folder / key
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.parent not in self._made:  # one mkdir per chunk column, not per chunk
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    self._made.add(target.parent)
                 tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
                 self._write_file(tmp, data, tail)
                 os.replace(tmp, target)

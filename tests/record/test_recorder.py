@@ -438,7 +438,7 @@ def test_run_gather_equals_flat_indexing_also_with_a_short_last_run(tmp_path, dt
     model.v = nn.Parameter(torch.randn(48, 2, dtype=dtype))  # 96 weights = 6 whole runs
     snaps = []
     with Recorder(model, tmp_path / "g.zarr", sample=32, seed=seed) as rec:
-        assert [(run, b - a) for _, _, run, a, b in rec._groups[0].entries] == [(16, 16), (1, 8), (16, 32)]
+        assert [(e.run, e.stop - e.start) for e in rec._groups[0].entries] == [(16, 16), (1, 8), (16, 32)]
         for _ in range(2):
             rec.record()
             snaps.append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -451,6 +451,25 @@ def test_run_gather_equals_flat_indexing_also_with_a_short_last_run(tmp_path, dt
     for r, snap in enumerate(snaps):
         want = np.concatenate([_flat(snap[n], index[names == n]) for n in ("w", "v")])
         np.testing.assert_array_equal(ds["values"].values[r], want)
+
+
+@pytest.mark.parametrize("layout", ["runs", "uniform"])
+def test_a_replaced_parameter_tensor_is_gathered_from_its_new_storage(tmp_path, layout):
+    """The hook keeps each parameter's source view between rows; assigning ``p.data`` (a new
+    storage, also of another dtype) must be seen at the next row, not the old storage's values."""
+    model = nn.Module()
+    model.w = nn.Parameter(torch.randn(64, 32))
+    snaps = []
+    with Recorder(model, tmp_path / "d.zarr", sample=128, layout=layout) as rec:
+        for new in (None, torch.randn(64, 32), torch.randn(64, 32, dtype=torch.bfloat16), torch.randn(32, 64).t()):
+            if new is not None:
+                model.w.data = new
+            rec.record()
+            snaps.append(model.w.detach().clone())
+    ds = open_run(tmp_path / "d.zarr")
+    index = ds["index"].values
+    for r, snap in enumerate(snaps):
+        np.testing.assert_array_equal(ds["values"].values[r], _flat(snap, index))
 
 
 def test_default_layout_reads_one_cache_line_per_16_weights(tmp_path):
