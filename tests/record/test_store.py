@@ -440,3 +440,41 @@ def test_chunks_are_written_when_the_file_system_refuses_o_direct(tmp_path, monk
     assert w._direct._o_direct == 0
     w.close(np.zeros(n), 8)
     np.testing.assert_array_equal(open_run(tmp_path / "f.zarr")["values"].values, data)
+
+
+@pytest.mark.parametrize("compressor", ["lz4", "none"])
+def test_write_chunks_stores_the_same_bytes_as_write_block(tmp_path, compressor):
+    """The Recorder's fast path hands whole blocks over as their chunks (page-aligned regions): the
+    files must be byte for byte those of write_block with the same rows, and a block that does not
+    start a chunk row falls back to write_block."""
+    rng = np.random.default_rng(0)
+    n, cs, cw = 5000, 4, 2048
+    x = rng.normal(size=(8, n)).astype(np.float32)
+    files = {}
+    for how in ("rows", "chunks"):
+        p = tmp_path / f"{how}.zarr"
+        w = RunWriter.create(p, param=["w"] * n, index=np.arange(n), initial=np.zeros(n), chunk_steps=cs,
+                             chunk_weights=cw, compressor=compressor)
+        for b in range(2):
+            rows = x[b * cs:(b + 1) * cs]
+            if how == "rows":
+                w.write_block(np.arange(b * cs, (b + 1) * cs) + 1, rows)
+            else:
+                chunks = []
+                for c in range(0, n, cw):
+                    buf = np.full(cs * cw + 1024, np.nan, np.float32)  # page-aligned region
+                    region = buf[(-buf.ctypes.data % 4096) // 4:][: cs * cw].reshape(cs, cw)
+                    region[:, : min(cw, n - c)] = rows[:, c:c + cw]
+                    chunks.append(region)
+                w.write_chunks(np.arange(b * cs, (b + 1) * cs) + 1, chunks)
+        w.close(np.zeros(n), 8)
+        files[how] = {f.relative_to(p): f.read_bytes() for f in (p / "values").rglob("c/*/*")}
+        np.testing.assert_array_equal(open_run(p)["values"].values, x)
+    assert files["rows"] == files["chunks"] and len(files["rows"]) == 2 * 3
+    with pytest.raises(CorrtoolsError, match="write_chunks takes 3 chunks"):
+        w2 = RunWriter.create(tmp_path / "bad.zarr", param=["w"] * n, index=np.arange(n), initial=np.zeros(n),
+                              chunk_steps=cs, chunk_weights=cw)
+        try:
+            w2.write_chunks(np.arange(1, cs + 1), [np.zeros((cs, cw), np.float32)])
+        finally:
+            w2.close(np.zeros(n), 0)
