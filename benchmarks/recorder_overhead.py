@@ -26,8 +26,7 @@ thread, zarr's threads); ``extra_us`` the overhead in microseconds of a no-recor
 inside the optimizer hook) and ``write_us`` the writer thread's CPU time per row.
 Goal: recorder_1e5 overhead <= 3% and recorder_1e4 <= 1% on both workloads, and >= 10x less overhead
 than naive_1e5. ``--uniform`` adds the mode ``uniform_1e5``: recorder_1e5 with ``layout="uniform"``
-(single weights) instead of the default runs of 16; ``--inline`` adds ``inline_1e4`` and ``inline_1e5``:
-the recorders with ``writer="inline"`` (blocks written in the training thread).
+(single weights) instead of the default runs of 16.
 
 ``--checksum-cost`` adds the mode ``nocrc_1e5``: recorder_1e5 without the crc32c checksum codec
 that every store carries, and prints what the checksum costs per step.
@@ -169,9 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=None, help="steps per block (default charlm 16, mlp 20; quick 10)")
     ap.add_argument("--uniform", action="store_true",
                     help="add the mode uniform_1e5: recorder_1e5 with layout='uniform' (single weights)")
-    ap.add_argument("--inline", action="store_true",
-                    help="add the modes inline_1e4 and inline_1e5: the recorders with writer='inline' (blocks "
-                         "written in the training thread instead of a background thread)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's; quick: 1). On a loaded 2-core machine "
                          "2 threads can stall for ~0.4 s per step; 1 thread is then the meaningful setting")
@@ -209,11 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.uniform:
         recorders["uniform_1e5"] = _Timed(wl.model, root / "uniform_1e5.zarr", sample=sample["recorder_1e5"], seed=0,
                                           compressor=args.compressor, layout="uniform")
-    if args.inline:
-        for mode in targets:
-            name = mode.replace("recorder", "inline")
-            recorders[name] = _Timed(wl.model, root / f"{name}.zarr", sample=sample[mode], seed=0,
-                                     compressor=args.compressor, writer="inline")
     if args.checksum_cost:
         recorders["nocrc_1e5"] = _NoChecksum(wl.model, root / "nocrc_1e5.zarr", seed=0, compressor=args.compressor,
                                              sample=sample["recorder_1e5"])
@@ -281,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     factor = over["naive_1e5"] / over["recorder_1e5"] if over["recorder_1e5"] > 0 else float("inf")
     print(f"overhead {args.workload} recorder_1e5: {over['recorder_1e5'] * 100:.1f}% (goal <= 3%); "
           f"recorder_1e4: {over['recorder_1e4'] * 100:.1f}% (goal <= 1%); naive_1e5: {over['naive_1e5'] * 100:.1f}%"
-          + (f"; uniform_1e5: {over['uniform_1e5'] * 100:.1f}%" if args.uniform else "")
-          + (f"; inline_1e5: {over['inline_1e5'] * 100:.1f}%; inline_1e4: {over['inline_1e4'] * 100:.1f}%"
-             if args.inline else ""))
+          + (f"; uniform_1e5: {over['uniform_1e5'] * 100:.1f}%" if args.uniform else ""))
     print(f"naive/recorder overhead at 1e5: {factor:.1f}x (goal >= 10x)")
     if args.checksum_cost:
         print(f"checksum cost at 1e5: step {(over['recorder_1e5'] - over['nocrc_1e5']) * 100:+.1f}% of a step, "

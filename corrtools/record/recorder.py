@@ -74,7 +74,6 @@ __all__ = ["Recorder"]
 
 _PAGE = mmap.PAGESIZE  # O_DIRECT alignment of the host blocks' chunk regions
 _BLOCK_BYTES = 16 << 20  # cap on one host block (chunk_steps x weights x 4 bytes)
-WRITERS = ("thread", "inline")
 FLUSH_EVERY = 30.0  # seconds: the default bound on how long a taken row may stay in memory only
 
 
@@ -253,10 +252,7 @@ class Recorder:
     accelerator, none when on the CPU, where a codec would compete with training for cores),
     "lz4", "zstd" or "none"; a crc32c checksum is always added. ``flush_every``: seconds after
     which rows are written even if their block is not full (default 30; None: only full blocks),
-    bounding what a killed run loses. ``writer``: "thread" (default: blocks are written by a background
-    thread while training goes on) or "inline" (written in the training thread when a block is full:
-    no overlap, but no contention either, which can be cheaper when training keeps every core busy,
-    see docs/recorder.md "Performance"). Every argument is checked before anything is written. Use
+    bounding what a killed run loses. Every argument is checked before anything is written. Use
     `attach` for loops with a torch optimizer, `record` otherwise.
 
     >>> import torch, tempfile, os
@@ -300,12 +296,8 @@ class Recorder:
         compressor: str = "auto",
         flush_every: float | None = FLUSH_EVERY,
         layout: str = "runs",
-        writer: str = "thread",
     ) -> None:
         # every argument is checked here, before the store is touched
-        if writer not in WRITERS:
-            raise CorrtoolsError(f"writer={writer!r} is unknown; use 'thread' (write in a background thread) "
-                                 "or 'inline' (write in the training thread)")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise CorrtoolsError(f"every={every!r} must be a positive int (record every k-th step)")
         if resume and overwrite:
@@ -329,7 +321,6 @@ class Recorder:
         self.path = store_path(path)  # a Path, or an fsspec URL such as "s3://bucket/run.zarr"
         self.every = every
         self._queue_blocks = queue_blocks
-        self.writer = writer
         self._flush_every = None if flush_every is None else float(flush_every)
         self.model = model = unwrap(model)
         self.plan = plan_samples(model, sample, params, seed, layout)
@@ -413,7 +404,6 @@ class Recorder:
             self._free.put(self._new_block(pin=cuda))
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=queue_blocks)
         self._current: _Block | None = None
-        self._inline = self.writer == "inline"
         self._current_prev = self._last_row_step
         self._flushed_at = time.monotonic()
         name = str(self.path).rstrip("/").rsplit("/", 1)[-1]
@@ -677,10 +667,7 @@ class Recorder:
         self._flushed_at = time.monotonic()
 
     def _send(self, kind: str, payload: Any) -> None:
-        if self._inline:  # written here, in the training thread (see `writer=`)
-            self._process(kind, payload)
-        else:
-            self._queue.put((kind, payload))
+        self._queue.put((kind, payload))
 
     def _write_loop(self) -> None:
         _lower_priority()
@@ -689,28 +676,23 @@ class Recorder:
             if item is None:
                 self._queue.task_done()
                 return
+            kind, payload = item
             try:
-                self._process(*item)
+                if self._error is not None:
+                    continue  # after a failure, drain without writing
+                if kind == "attrs":
+                    self._writer.update_attrs(**payload)
+                elif kind == "rows":
+                    self._write_block(*payload)
+                else:
+                    self._write_block(payload, payload.flushed, payload.k, payload.event)
+            except BaseException as err:  # surfaced by the training thread at its next call
+                self._error = err
             finally:
+                if kind == "block":
+                    payload.reset()
+                    self._free.put(payload)
                 self._queue.task_done()
-
-    def _process(self, kind: str, payload: Any) -> None:
-        """Write one item: attrs, rows of the current block, or a whole block (then freed)."""
-        try:
-            if self._error is not None:
-                return  # after a failure, drain without writing
-            if kind == "attrs":
-                self._writer.update_attrs(**payload)
-            elif kind == "rows":
-                self._write_block(*payload)
-            else:
-                self._write_block(payload, payload.flushed, payload.k, payload.event)
-        except BaseException as err:  # surfaced by the training thread at its next call
-            self._error = err
-        finally:
-            if kind == "block":
-                payload.reset()
-                self._free.put(payload)
 
     def _wait_writer(self) -> None:
         """Block until every block handed to the writer is written (the block being filled stays in

@@ -514,43 +514,6 @@ def test_blocks_laid_out_as_chunks_record_the_same_values_when_chunks_cut_runs(t
     np.testing.assert_array_equal(flat, np.arange(160))
 
 
-def test_inline_writer_stores_what_the_thread_writer_stores_and_reports_failures(tmp_path, monkeypatch):
-    """writer="inline" writes full blocks in the training thread: the same store as the background
-    thread's (whole blocks, a flushed partial one, the last one at close), and a failed write is
-    raised at the next call, as with the thread."""
-    model = _Net()
-    recs = {w: Recorder(model, tmp_path / f"{w}.zarr", sample=8, chunk_steps=4, writer=w) for w in ("thread", "inline")}
-    for step in range(1, 11):
-        for rec in recs.values():
-            rec.record(loss=float(step))
-        if step == 6:
-            for rec in recs.values():
-                rec.flush()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
-    for rec in recs.values():
-        rec.close()
-    a, b = (open_run(tmp_path / f"{w}.zarr") for w in ("thread", "inline"))
-    assert a.sizes["step"] == b.sizes["step"] == 10
-    for name in ("values", "loss", "step"):
-        np.testing.assert_array_equal(a[name].values, b[name].values)
-    with pytest.raises(CorrtoolsError, match="writer='bogus' is unknown"):
-        Recorder(model, tmp_path / "x.zarr", writer="bogus")
-
-    def broken(self, *a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(RunWriter, "write_chunks", broken)
-    rec = Recorder(model, tmp_path / "f.zarr", sample=8, chunk_steps=2, writer="inline")
-    for _ in range(3):  # the first block is written when the third row needs room
-        rec.record()
-    with pytest.raises(RuntimeError, match="disk full"):
-        rec.record()
-    rec.close()
-    assert run_info(tmp_path / "f.zarr")["status"] == "recording"
-
-
 def test_default_layout_reads_one_cache_line_per_16_weights(tmp_path):
     """The per-step cost is memory traffic: the default sample must touch ceil(k / 16) 64-byte lines
     of a float32 parameter, not ~k as uniform single weights do (issue 9)."""
