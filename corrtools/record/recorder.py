@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import mmap
 import os
 import queue
 import threading
@@ -72,21 +71,16 @@ from corrtools.record.store import (
 
 __all__ = ["Recorder"]
 
-_PAGE = mmap.PAGESIZE  # O_DIRECT alignment of the host blocks' chunk regions
 _BLOCK_BYTES = 16 << 20  # cap on one host block (chunk_steps x weights x 4 bytes)
 FLUSH_EVERY = 30.0  # seconds: the default bound on how long a taken row may stay in memory only
 
 
 @dataclasses.dataclass(eq=False)
 class _Block:
-    """chunk_steps rows on the host, filled by the training thread, written by the writer thread.
+    """chunk_steps rows on the host, filled by the training thread, written by the writer thread."""
 
-    The values are laid out as the store's chunks: one page-aligned (chunk_steps, chunk_weights)
-    region per chunk of `values` (the last one NaN past column N), so that a full block is written
-    as its chunks without a staging copy (`RunWriter.write_chunks`)."""
-
-    regions: list[torch.Tensor] # per chunk: (chunk_steps, chunk_weights) float32, pinned on CUDA
-    n_weights: int              # N, the columns in use
+    values: np.ndarray          # (chunk_steps, N) float32, pinned on CUDA
+    tensor: torch.Tensor        # the same memory as a tensor
     steps: np.ndarray           # (chunk_steps,) int64
     loss_sum: np.ndarray        # (chunk_steps,) float64
     loss_n: np.ndarray          # (chunk_steps,) int64
@@ -96,13 +90,9 @@ class _Block:
     event: Any = None           # CUDA event after the last copy into this block
     z: np.ndarray | None = None # (chunk_steps,) RESET interval per row, once one was logged (log_z)
     dst: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)
-    # per device group: CPU -- per piece, a (chunk_steps, k, run) (or (chunk_steps, k)) view of the
-    # piece's columns, row i's destination being .select(0, i); staged -- per segment of the group's
-    # columns inside one chunk, its (chunk_steps, length) view (built once, see Recorder._new_block)
-
-    def rows(self, lo: int, hi: int) -> np.ndarray:
-        """A (hi - lo, N) float32 copy of rows [lo, hi) in column order."""
-        return np.concatenate([r.numpy()[lo:hi] for r in self.regions], axis=1)[:, : self.n_weights]
+    # per device group, per piece: a (chunk_steps, k, run) view of the piece's columns; row i's
+    # destination is dst[g][e].select(0, i) (CPU groups), or for a staged group its one (chunk_steps,
+    # stop - start) view of the group's columns (built once, see Recorder._new_block)
 
     def reset(self) -> None:
         self.k, self.flushed, self.event = 0, 0, None
@@ -159,8 +149,6 @@ class _DeviceGroup:
     entries: list[_Piece]
     staging: torch.Tensor | None = None                                # (stop - start,) float32 on device
     staging_views: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per piece, into staging
-    segments: list[tuple[torch.Tensor, int, int, int]] = dataclasses.field(default_factory=list)
-    # staged groups: (staging slice, chunk, column in chunk, length) per stretch inside one chunk
 
 
 def _pieces(index: np.ndarray, numel: int) -> list[tuple[np.ndarray, int, int, int]]:
@@ -175,49 +163,6 @@ def _pieces(index: np.ndarray, numel: int) -> list[tuple[np.ndarray, int, int, i
     ):
         return [(firsts // RUN, RUN, 0, m)] + ([(index[m:], 1, m, k)] if m < k else [])
     return [(index, 1, 0, k)]
-
-
-def _stretches(start: int, stop: int, width: int) -> list[tuple[int, int]]:
-    """[start, stop) cut at the multiples of ``width`` (chunk boundaries): [(a, b), ...]."""
-    cuts = [start, *range((start // width + 1) * width, stop, width), stop]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
-def _split_at_chunks(piece: _Piece, width: int) -> list[_Piece]:
-    """``piece`` cut so that each part's columns lie in one chunk of ``width`` columns. A run cut by
-    a chunk boundary becomes flat indices on both sides; whole runs stay runs."""
-    parts = _stretches(piece.start, piece.stop, width)
-    if len(parts) == 1:
-        return [piece]
-    run, start = piece.run, piece.start
-    idx = piece.idx.cpu().numpy()
-    flat = (idx[:, None] * run + np.arange(run)).reshape(-1) if run > 1 else idx
-    out: list[_Piece] = []
-
-    def add(a: int, b: int, as_runs: bool) -> None:
-        if b > a:
-            sel = idx[(a - start) // run : (b - start) // run] if as_runs else flat[a - start : b - start]
-            out.append(_Piece(piece.param, torch.as_tensor(sel, device=piece.idx.device), run if as_runs else 1, a, b))
-
-    for a, b in parts:
-        if run == 1:
-            add(a, b, False)
-            continue
-        a2 = start + -(-(a - start) // run) * run  # first run boundary at or after a
-        b2 = start + (b - start) // run * run  # last run boundary at or before b
-        if a2 < b2:
-            add(a, a2, False)
-            add(a2, b2, True)
-            add(b2, b, False)
-        else:  # inside one run
-            add(a, b, False)
-    return out
-
-
-def _staging_view(g: _DeviceGroup, e: _Piece) -> torch.Tensor:
-    assert g.staging is not None
-    part = g.staging[e.start - g.start : e.stop - g.start]
-    return part.view(-1, e.run) if e.run > 1 else part
 
 
 def _lower_priority(nice: int = 10) -> None:
@@ -381,13 +326,6 @@ class Recorder:
         """Buffers, queue and writer thread, once the store is open."""
         queue_blocks = self._queue_blocks
         self.chunk_steps = self._writer.chunk_steps
-        self._chunk_weights = self._writer.chunk_weights
-        for g in self._groups:  # every piece inside one chunk, so that the hook writes into the chunk
-            g.entries = [part for e in g.entries for part in _split_at_chunks(e, self._chunk_weights)]
-            if g.staging is not None:
-                g.staging_views = [_staging_view(g, e) for e in g.entries]
-                g.segments = [(g.staging[a - g.start : b - g.start], a // self._chunk_weights,
-                               a % self._chunk_weights, b - a) for a, b in _stretches(g.start, g.stop, self._chunk_weights)]
         self._last_row_step = self._writer.last_step
         self._pending_sum, self._pending_n = 0.0, 0
         self._optimizer: torch.optim.Optimizer | None = None
@@ -590,8 +528,7 @@ class Recorder:
             else:
                 for piece, view in zip(g.entries, g.staging_views):
                     piece.gather_into(view)
-                for (part, _, _, _), view in zip(g.segments, views):
-                    view.select(0, i).copy_(part, non_blocking=True)
+                views[0].select(0, i).copy_(g.staging, non_blocking=True)
         cur.steps[i] = step
         cur.lr[i] = lr
         cur.loss_sum[i] += self._pending_sum
@@ -606,24 +543,15 @@ class Recorder:
 
     # ------------------------------------------------------------------ block handling
     def _new_block(self, pin: bool) -> _Block:
-        cs, cw, n = self.chunk_steps, self._chunk_weights, self.n_weights
-        n_chunks = -(-n // cw)
-        stride = -(-(cs * cw * 4) // _PAGE) * _PAGE // 4  # floats from one region to the next
-        raw = torch.empty(n_chunks * stride + _PAGE // 4, dtype=torch.float32, pin_memory=pin)
-        raw.fill_(math.nan)  # the last chunk's columns past N stay NaN (the store's fill value)
-        first = (-raw.data_ptr() % _PAGE) // 4  # page-aligned regions: O_DIRECT straight from them
-        regions = [raw[first + c * stride : first + c * stride + cs * cw].view(cs, cw) for c in range(n_chunks)]
-        block = _Block(regions, n, np.zeros(cs, np.int64), np.zeros(cs), np.zeros(cs, np.int64), np.zeros(cs))
+        t = torch.empty((self.chunk_steps, self.n_weights), dtype=torch.float32, pin_memory=pin)
+        cs = self.chunk_steps
+        block = _Block(t.numpy(), t, np.zeros(cs, np.int64), np.zeros(cs), np.zeros(cs, np.int64), np.zeros(cs))
         for g in self._groups:
             if g.staging is None:
-                views = []
-                for e in g.entries:
-                    c, o = divmod(e.start, cw)
-                    cols = regions[c][:, o : o + e.stop - e.start]
-                    views.append(cols.view(cs, -1, e.run) if e.run > 1 else cols)
-                block.dst.append(views)
+                block.dst.append([t[:, e.start : e.stop].view(cs, -1, e.run) if e.run > 1 else t[:, e.start : e.stop]
+                                  for e in g.entries])
             else:
-                block.dst.append([regions[c][:, o : o + length] for _, c, o, length in g.segments])
+                block.dst.append([t[:, g.start : g.stop]])
         block.reset()
         return block
 
@@ -717,10 +645,7 @@ class Recorder:
                 optional["loss"] = np.where(n > 0, block.loss_sum[rows] / np.maximum(n, 1), np.nan).astype(np.float32)
         if block.z is not None:
             optional[Z] = block.z[rows].copy()
-        if lo == 0 and hi == self.chunk_steps:  # a whole block: written as its chunks, no copy
-            self._writer.write_chunks(block.steps, [r.numpy() for r in block.regions], optional)
-        else:
-            self._writer.write_block(block.steps[rows], block.rows(lo, hi), optional)
+        self._writer.write_block(block.steps[rows], block.values[rows], optional)
 
     # ------------------------------------------------------------------------ lifecycle
     def _shutdown(self, complete: bool, raise_errors: bool = True) -> None:
@@ -800,7 +725,10 @@ class Recorder:
                 col += len(s.index)
             stage = d.type != "cpu" or self._stage_on_cpu
             staging = torch.empty(col - start, dtype=torch.float32, device=d) if stage else None
-            groups.append(_DeviceGroup(d, start, col, entries, staging))
+            views = [] if staging is None else [
+                staging[e.start - start : e.stop - start].view(-1, e.run) if e.run > 1 else staging[e.start - start : e.stop - start]
+                for e in entries]
+            groups.append(_DeviceGroup(d, start, col, entries, staging, views))
         return groups
 
     def _check_resumable(self, names: Sequence[str], index: np.ndarray, start_step: int | None) -> int:

@@ -552,6 +552,8 @@ class _DirectChunks:
     def write_rows(self, row0: int, values: np.ndarray) -> None:
         """Write rows [row0, row0 + k) of (k, N) `values`; row0 is a multiple of chunk_steps. Chunks
         are padded with NaN (the fill value) past the last row and the last column."""
+        import google_crc32c  # a dependency of zarr's crc32c codec
+
         cs, cw = self._cs, self._cw
         k, n = values.shape
         for r in range(0, k, cs):
@@ -562,48 +564,27 @@ class _DirectChunks:
                 if chunk.shape != (cs, cw):
                     staged.fill(np.nan)
                 staged[: chunk.shape[0], : chunk.shape[1]] = chunk
-                self._write_chunk((row0 + r) // cs, c // cw, staged, memoryview(self._buf)[: staged.nbytes])
-
-    def write_chunks(self, row0: int, chunks: Sequence[np.ndarray]) -> None:
-        """Write the chunk row starting at row ``row0`` (a multiple of chunk_steps) from ``chunks``:
-        chunk c is a (chunk_steps, chunk_weights) float32 C-order array, NaN past the last column,
-        written as it is (no staging copy; O_DIRECT straight from it when it is page-aligned)."""
-        for c, chunk in enumerate(chunks):
-            if chunk.shape != (self._cs, self._cw) or chunk.dtype != np.float32 or not chunk.flags.c_contiguous:
-                raise ValueError(f"chunk {c} has shape {chunk.shape} {chunk.dtype}; expected C-order "
-                                 f"({self._cs}, {self._cw}) float32")
-            aligned = chunk.ctypes.data % _PAGE == 0
-            self._write_chunk(row0 // self._cs, c, chunk, memoryview(chunk).cast("B") if aligned else None)
-
-    def _write_chunk(self, i: int, j: int, chunk: np.ndarray, raw: memoryview | None) -> None:
-        """Encode (codec), checksum and atomically write chunk (i, j) from ``chunk`` (cs, cw).
-        ``raw``: ``chunk``'s own page-aligned bytes, written as they are when there is no codec; None
-        or a codec: the encoded bytes go through the staging buffer."""
-        import google_crc32c  # a dependency of zarr's crc32c codec
-
-        view = memoryview(self._buf)
-        if self._codec is None and raw is not None:
-            data = raw
-        elif self._codec is None:
-            view[: chunk.nbytes] = memoryview(np.ascontiguousarray(chunk)).cast("B")
-            data = view[: chunk.nbytes]
-        else:
-            encoded = self._codec.encode(chunk)
-            view[: len(encoded)] = encoded
-            data = view[: len(encoded)]
-        tail = b""
-        if self._checksum:  # zarr's crc32c codec: 4 bytes, little-endian, after the data
-            readonly = np.frombuffer(data, dtype=np.uint8)
-            readonly.flags.writeable = False  # google_crc32c takes read-only buffers only
-            tail = np.uint32(google_crc32c.value(readonly)).astype("<u4").tobytes()
-        key = self._array.metadata.encode_chunk_key((i, j))
-        target = self._folder / key
-        if target.parent not in self._made:  # one mkdir per chunk column, not per chunk
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(target.parent)
-        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
-        self._write_file(tmp, data, tail)
-        os.replace(tmp, target)
+                view = memoryview(self._buf)
+                if self._codec is None:
+                    size = staged.nbytes
+                else:
+                    encoded = self._codec.encode(staged)
+                    size = len(encoded)
+                    view[:size] = encoded
+                data = view[:size]
+                tail = b""
+                if self._checksum:  # zarr's crc32c codec: 4 bytes, little-endian, after the data
+                    readonly = np.frombuffer(self._buf, dtype=np.uint8, count=size)
+                    readonly.flags.writeable = False  # google_crc32c takes read-only buffers only
+                    tail = np.uint32(google_crc32c.value(readonly)).astype("<u4").tobytes()
+                key = self._array.metadata.encode_chunk_key(((row0 + r) // cs, c // cw))
+                target = self._folder / key
+                if target.parent not in self._made:  # one mkdir per chunk column, not per chunk
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    self._made.add(target.parent)
+                tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+                self._write_file(tmp, data, tail)
+                os.replace(tmp, target)
 
     def _write_file(self, path: Path, data: memoryview, tail: bytes) -> None:
         """Create `path` holding `data` (page-aligned memory) then `tail`. The whole pages of `data`
@@ -820,44 +801,6 @@ class RunWriter:
             )
         if k == 0:
             return
-
-        def write_values(n0: int, n1: int) -> None:
-            if self._direct is not None and n0 % self.chunk_steps == 0:
-                self._direct.write_rows(n0, values)
-            else:
-                _grown(self._values, n1)[n0:n1] = values
-
-        self._append(steps, optional, write_values)
-
-    def write_chunks(
-        self,
-        steps: np.ndarray,
-        chunks: Sequence[np.ndarray],
-        optional: Mapping[str, np.ndarray] | None = None,
-    ) -> None:
-        """Append chunk_steps rows given as one row of `values` chunks: ``chunks[c]`` is a
-        (chunk_steps, chunk_weights) float32 C-order array holding columns [c * chunk_weights, ...),
-        NaN past the last column (the layout of the Recorder's host blocks). Written as they are,
-        without a staging copy, when the rows start a chunk row of a local store; otherwise as
-        `write_block` of the same values. `steps` and `optional` as in `write_block`."""
-        self._check_open()
-        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
-        n_chunks = -(-self.n_weights // self.chunk_weights)
-        shapes = {tuple(c.shape) for c in chunks}
-        if len(chunks) != n_chunks or shapes != {(self.chunk_steps, self.chunk_weights)} or len(steps) != self.chunk_steps:
-            raise CorrtoolsError(
-                f"write_chunks takes {n_chunks} chunks of ({self.chunk_steps}, {self.chunk_weights}) and "
-                f"{self.chunk_steps} steps, got {len(chunks)} chunks of {sorted(shapes)} and {len(steps)} steps; "
-                "use write_block for other row counts"
-            )
-        if self._direct is None or self.n_steps % self.chunk_steps:
-            return self.write_block(steps, np.concatenate(chunks, axis=1)[:, : self.n_weights], optional)
-        self._append(steps, optional, lambda n0, n1: self._direct.write_chunks(n0, chunks))  # type: ignore[union-attr]
-
-    def _append(self, steps: np.ndarray, optional: Mapping[str, np.ndarray] | None,
-                write_values: Any) -> None:
-        """Commit k = len(steps) > 0 rows whose `values` ``write_values(n0, n1)`` writes."""
-        k = len(steps)
         if steps[0] <= self.last_step or (k > 1 and np.any(np.diff(steps) <= 0)):
             raise CorrtoolsError(
                 f"steps {steps[:3].tolist()}... do not strictly increase after the last recorded step "
@@ -868,7 +811,10 @@ class RunWriter:
             optional[name] = self._check_optional(name, data, k)
         n0, n1 = self.n_steps, self.n_steps + k
         # 1. chunks of every step-indexed array, then `step`'s own chunks, metadata untouched
-        write_values(n0, n1)
+        if self._direct is not None and n0 % self.chunk_steps == 0:
+            self._direct.write_rows(n0, values)
+        else:
+            _grown(self._values, n1)[n0:n1] = values
         for name, arr in self._extra.items():
             data = optional.get(name)
             if data is None:

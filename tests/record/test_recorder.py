@@ -287,7 +287,6 @@ def test_writer_errors_surface_at_the_next_call(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(RunWriter, "write_block", broken)
-    monkeypatch.setattr(RunWriter, "write_chunks", broken)  # whole blocks are written as chunks
     rec = Recorder(_Net(), tmp_path / "e.zarr", sample=4, chunk_steps=2)
     with pytest.raises(RuntimeError, match="disk full"):
         for _ in range(200):  # the first block goes to the writer at row 3
@@ -471,47 +470,6 @@ def test_a_replaced_parameter_tensor_is_gathered_from_its_new_storage(tmp_path, 
     index = ds["index"].values
     for r, snap in enumerate(snaps):
         np.testing.assert_array_equal(ds["values"].values[r], _flat(snap, index))
-
-
-@pytest.mark.parametrize("layout", ["runs", "uniform"])
-def test_blocks_laid_out_as_chunks_record_the_same_values_when_chunks_cut_runs(tmp_path, layout):
-    """Host blocks hold one region per store chunk; the hook's pieces are cut at chunk boundaries
-    (a run cut by one becomes flat indices). Values of whole blocks (written as chunks) and of the
-    last, partial block (written as rows) must equal plain flat indexing."""
-    from corrtools.record.recorder import _split_at_chunks
-
-    model = nn.Module()
-    model.a = nn.Parameter(torch.randn(200, 101))  # 20200 weights
-    model.b = nn.Parameter(torch.randn(97, 211))   # 20467 weights: its last run is short
-    snaps = []
-    with Recorder(model, tmp_path / "c.zarr", sample=1.0, chunk_steps=4, layout=layout) as rec:
-        cw = rec._chunk_weights
-        assert cw % 16 and rec.n_weights > 2 * cw  # 3 chunks whose boundaries fall inside runs
-        pieces = rec._groups[0].entries
-        assert all(e.start // cw == (e.stop - 1) // cw for e in pieces)
-        assert sum(e.stop - e.start for e in pieces) == rec.n_weights
-        for _ in range(10):  # two whole blocks of 4 rows, then a partial one of 2
-            rec.record()
-            snaps.append({n: p.detach().clone() for n, p in model.named_parameters()})
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(torch.randn_like(p))
-    ds = open_run(tmp_path / "c.zarr")
-    index, names = ds["index"].values, ds["param"].values
-    assert ds.sizes["step"] == 10
-    for r, snap in enumerate(snaps):
-        want = np.concatenate([_flat(snap[n], index[names == n]) for n in ("a", "b")])
-        np.testing.assert_array_equal(ds["values"].values[r], want)
-    # a run piece cut twice: flat head, whole runs, flat tail, each part inside one chunk
-    from corrtools.record.recorder import _Piece
-
-    piece = _Piece(model.a, torch.arange(10), 16, 8, 168)  # runs 0..9 in columns [8, 168), chunks of 50
-    parts = _split_at_chunks(piece, 50)
-    assert [(q.run, q.start, q.stop) for q in parts] == [
-        (16, 8, 40), (1, 40, 50), (1, 50, 56), (16, 56, 88), (1, 88, 100), (1, 100, 104), (16, 104, 136),
-        (1, 136, 150), (1, 150, 152), (16, 152, 168)]
-    flat = np.concatenate([(q.idx[:, None] * q.run + torch.arange(q.run)).reshape(-1).numpy() for q in parts])
-    np.testing.assert_array_equal(flat, np.arange(160))
 
 
 def test_default_layout_reads_one_cache_line_per_16_weights(tmp_path):
