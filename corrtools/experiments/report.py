@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from corrtools.experiments.plots import LABELS, mean_std
+from corrtools.experiments.plots import LABELS, is_auto, mean_std, z_numeric
 
 __all__ = ["claims", "size_line", "table"]
 
@@ -107,9 +107,15 @@ def claims(name: str, df: pd.DataFrame) -> list[str]:
             lines.append(f"{w} d={d:g}: f = {g.f.mean():.2f} ± {g.f.std() if len(g) > 1 else 0:.2f}")
     elif name == "fig2":
         for d, g in df[(df.rewire_every == 1) & (df.grad_scale == 1.0)].groupby("density"):
-            s = mean_std(g.assign(zs=g.z.astype(float).fillna(np.inf)), ["zs"])
+            auto = is_auto(g.z)
+            s = mean_std(g[~auto].assign(zs=z_numeric(g.z[~auto]).fillna(np.inf)), ["zs"])
             seq = "; ".join(f"z={'never' if np.isinf(z) else int(z)}: {_fmt(m, sd, g.workload.iloc[0])}"
                             for z, m, sd in zip(s.zs, s["mean"], s["std"]))
+            if auto.any():
+                a = g[auto]
+                used = pd.to_numeric(a.z_used, errors="coerce")
+                seq += (f"; z from Δ (ended at z = {used.min():g}–{used.max():g}): "
+                        f"{_fmt(a.error.mean(), a.error.std() if len(a) > 1 else 0.0, g.workload.iloc[0])}")
             lines.append(f"d={d:g}: {seq}")
     elif name == "fig1":
         for keys, g in df.groupby(["workload", "optimizer", "window", "detrend"], sort=False):
