@@ -194,3 +194,13 @@ def test_sparse_chooses_z_from_delta_with_a_window_scaled_to_the_run():
     steps = [int(e.split(":")[0]) for e in row["z_estimates"].split(";")]
     assert steps == [16, 48]  # window max(16, 50 // 4) = 16: first estimate at 16, again 2 * 16 steps later
     assert 1 <= row["z_used"] <= 8
+
+
+def test_within_half_percent_verdict_separates_held_failed_and_unsettled():
+    from corrtools.experiments.report import _within_verdict
+
+    assert _within_verdict("digits", 0.074, 0.002, 0.070, 0.002) == "held"  # 0.4 points: inside the band
+    assert _within_verdict("digits", 0.090, 0.003, 0.070, 0.002) == "did not hold"  # 2 points, spread 0.3
+    assert _within_verdict("digits", 0.080, 0.008, 0.070, 0.002).startswith("not settled")  # 1 point, spread 0.8
+    assert _within_verdict("charlm", 2.32, 0.001, 2.30, 0.001) == "did not hold"  # band 0.0115 bits/char
+    assert _within_verdict("charlm", 2.31, 0.001, 2.30, 0.001) == "held"
