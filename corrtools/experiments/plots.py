@@ -7,11 +7,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["LABELS", "mean_std", "plot_experiment"]
+__all__ = ["COLORS", "LABELS", "mean_std", "plot_experiment", "z_numeric"]
 
 LABELS = {"dense": "DENSE", "small": "SMALL", "sparse": "SPARSE (RESET)", "no_exploit": "NO EXPLOIT",
           "fix": "FIX", "regularize": "REGULARIZE", "set": "SET", "rigl": "RigL", "lottery": "LOTTERY",
           "sr_ste": "SR-STE (REGULARIZE 2:4, β=2e-4)"}
+# one colour per method in every panel and figure (a method missing from one panel keeps its colour)
+COLORS = {m: f"C{i}" for i, m in enumerate(["small", "sparse", "set", "rigl", "lottery", "no_exploit", "fix",
+                                             "regularize", "sr_ste"])}
 METRIC = {"charlm": "val. loss (bits/char)", "digits": "test error"}
 
 
@@ -59,7 +62,8 @@ def _by_density(df: pd.DataFrame, plt: Any, methods: list[str]) -> Any:
         for m in methods:
             s = mean_std(sub[sub.method == m], ["density"])
             if len(s):
-                ax.errorbar(s.density, s["mean"], yerr=s["std"], marker="o", capsize=3, label=LABELS[m])
+                ax.errorbar(s.density, s["mean"], yerr=s["std"], marker="o", capsize=3, label=LABELS[m],
+                            color=COLORS[m])
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xticks(sorted(set(sub.density[sub.method != "dense"])))
@@ -95,25 +99,47 @@ def _fig1(df: pd.DataFrame, plt: Any) -> Any:
     return fig
 
 
+def z_numeric(z: pd.Series) -> pd.Series:
+    """RESET's z column as floats: fixed intervals as numbers, "auto" and never (empty) as NaN."""
+    return pd.to_numeric(z.astype(object).where(z.astype(str) != "auto"), errors="coerce")
+
+
+def is_auto(z: pd.Series) -> pd.Series:
+    """Rows whose z was chosen from Δ during the run."""
+    return z.astype(str) == "auto"
+
+
 def _fig2(df: pd.DataFrame, plt: Any) -> Any:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), squeeze=False)
     T = int(df.steps.max())
-    default_z = df.z.dropna().astype(float)
-    z_mode = float(default_z.mode().iloc[0]) if len(default_z) else np.nan
-    zval = df.z.astype(float).fillna(10.0 ** np.ceil(np.log10(max(T, 10)) + 1))  # "never" drawn right
+    never = 10.0 ** np.ceil(np.log10(max(T, 10)) + 1)  # z = never is drawn right of every fixed z
+    auto = is_auto(df.z)
+    zval = z_numeric(df.z).where(auto | df.z.notna(), never)
+    default = auto if auto.any() else zval == zval.mode().iloc[0]  # r and s sweeps: at the default z
     sweeps = [
-        ("rewire_every", "r (steps between rewirings)", (df.grad_scale == 1.0) & (zval == z_mode)),
-        ("grad_scale", "s (gradient scale on n)", (df.rewire_every == 1) & (zval == z_mode)),
-        ("z_plot", "z (steps between resets; right-most: never)", (df.rewire_every == 1) & (df.grad_scale == 1.0)),
+        ("rewire_every", "r (steps between rewirings)", (df.grad_scale == 1.0) & default),
+        ("grad_scale", "s (gradient scale on n)", (df.rewire_every == 1) & default),
+        ("z_plot", "z (steps between resets; right-most: never; ★: z chosen from Δ)",
+         (df.rewire_every == 1) & (df.grad_scale == 1.0)),
     ]
     d2 = df.assign(z_plot=zval)
     for ax, (col, label, sel) in zip(axes[0], sweeps):
-        for d in sorted(set(df.density), reverse=True):
-            s = mean_std(d2[sel & (d2.density == d)], [col])
-            ax.errorbar(s[col], s["mean"], yerr=s["std"], marker="o", capsize=3, label=f"d={d:g}")
+        for i, d in enumerate(sorted(set(df.density), reverse=True)):
+            rows = d2[sel & (d2.density == d)]
+            if col == "z_plot":
+                s = mean_std(rows[~auto[rows.index]], [col])
+                a = rows[auto[rows.index]]
+                if len(a) and "z_used" in a:  # auto: drawn at the mean z it ended with
+                    x = pd.to_numeric(a.z_used, errors="coerce").mean()
+                    e = a.error.std() if len(a) > 1 else 0.0
+                    ax.errorbar([x], [a.error.mean()], yerr=[e], marker="*", ms=11, capsize=3, color=f"C{i}",
+                                ls="none")
+            else:
+                s = mean_std(rows, [col])
+            ax.errorbar(s[col], s["mean"], yerr=s["std"], marker="o", capsize=3, label=f"d={d:g}", color=f"C{i}")
         if col != "grad_scale":
             ax.set_xscale("log")
-        ax.set_xlabel(label)
+        ax.set_xlabel(label, fontsize=8)
         ax.set_ylabel(METRIC[df.workload.iloc[0]])
         ax.legend(fontsize=7)
     return fig

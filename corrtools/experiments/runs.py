@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 
 from corrtools.errors import CorrtoolsError
 
-__all__ = ["DENSE_LAYERS", "METHODS", "RunSpec", "WORKLOADS", "build_workload", "method_object", "train"]
+__all__ = ["DENSE_LAYERS", "METHODS", "RunSpec", "WORKLOADS", "auto_z_config", "build_workload", "method_object",
+           "train"]
 
 WORKLOADS = ("charlm", "digits")
 # DENSE and SMALL, Algorithm 1 with each exploitation (SPARSE = RESET), and the baselines.
@@ -42,7 +44,7 @@ class RunSpec:
     structure: str = "unstructured"  # Sparsifier structure ("2:4", "2:4-2d", "block:b")
     rewire_every: int = 1  # r
     grad_scale: float = 1.0  # s
-    z: int | str | None = None  # RESET interval in steps; None: never reset
+    z: int | str | None = None  # RESET interval in steps; "auto": chosen from Δ (auto_z_config); None: never
     distribution: str = "uniform"  # per-layer densities of free-density masks: "uniform" | "erk"
     optimizer: str = "adamw"  # "adamw" | "sgd"
 
@@ -97,6 +99,20 @@ def build_workload(spec: RunSpec) -> Any:
     return DigitsWorkload(cfg)
 
 
+def auto_z_config(steps: int) -> Any:
+    """The :class:`~corrtools.sparse.AutoZ` of an experiment run of ``steps`` optimizer steps.
+
+    AutoZ's defaults (a 1024-step window) aim at runs of 10^4+ steps; here the window is a quarter of
+    the run (at least AutoZ's minimum of 16), so the first estimate comes at T/4 and, re-estimated
+    every T/2 steps, a second one at 3T/4. z is then the median Δ of the non-participating weights,
+    clamped to [1, window // 2].
+    """
+    from corrtools.sparse import AutoZ
+
+    window = max(16, steps // 4)
+    return AutoZ(window=window, reestimate_every=max(2 * window, steps // 2))
+
+
 def method_object(spec: RunSpec, wl: Any) -> Any:
     """The object whose ``step()`` runs after each optimizer step, or None (DENSE, SMALL)."""
     from corrtools.sparse import Fix, Regularize, Reset, Sparsifier
@@ -118,7 +134,8 @@ def method_object(spec: RunSpec, wl: Any) -> Any:
         return sr_ste(model, opt, exclude=exclude)
     density = None if spec.structure in ("2:4", "2:4-2d") else d
     exploit = {
-        "sparse": None if spec.z is None else Reset(every=spec.z),  # type: ignore[arg-type]
+        "sparse": None if spec.z is None else (
+            Reset(every="auto", auto=auto_z_config(T)) if spec.z == "auto" else Reset(every=int(spec.z))),
         "no_exploit": None,
         "fix": Fix(at=0.5),
         "regularize": Regularize(beta=2e-4),
@@ -160,7 +177,9 @@ def train(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     obj = method_object(spec, wl)
     after = None if obj is None else obj.step
     start = time.perf_counter()
-    losses = [wl.train_step(after) for _ in range(spec.steps)]
+    with warnings.catch_warnings():  # auto z's censoring warning: the row's z_estimates say it
+        warnings.filterwarnings("ignore", message="auto z at step")
+        losses = [wl.train_step(after) for _ in range(spec.steps)]
     wall = time.perf_counter() - start
     if spec.workload == "charlm":
         batches = 4 if spec.size == "quick" else _CHARLM_EVAL_BATCHES
@@ -171,7 +190,7 @@ def train(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
         metric = "test_error"
     tail = losses[-max(1, len(losses) // 10):]
     total, kept = _sparse_weights(spec, wl, obj)
-    z = getattr(getattr(obj, "config", None), "exploit", None)
+    history = getattr(obj, "z_history", [])
     return {
         **spec.to_dict(),
         "metric": metric,
@@ -180,6 +199,8 @@ def train(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
         "wall_s": round(wall, 3),
         "sparse_layer_weights": total,
         "participating_weights": kept,
-        "z_used": getattr(z, "every", None) if z is not None else None,
+        "z_used": getattr(obj, "z", None),  # RESET's interval at the end (the last estimate for "auto")
+        # "step:z" per estimate; "step:>=z" where Δ was censored (z = z_max is a lower bound)
+        "z_estimates": ";".join(f"{e.step}:{'>=' if e.lower_bound else ''}{e.z}" for e in history) or None,
         "torch_threads": torch.get_num_threads(),
     }

@@ -12,7 +12,7 @@ import torch
 
 from corrtools.errors import CorrtoolsError
 from corrtools.experiments import EXPERIMENTS, RunSpec, run_experiment, train
-from corrtools.experiments.paper import gap_fraction
+from corrtools.experiments.paper import FULL_STEPS, gap_fraction
 from corrtools.experiments.runner import fig9_table
 from corrtools.sparse.config import Structure
 from corrtools.sparse.selection import select_layers
@@ -99,7 +99,8 @@ def test_scales_per_workload():
     with pytest.raises(CorrtoolsError, match="--scale"):
         _scale(["fast"])
     specs = EXPERIMENTS["table2"].specs(False, 1, {"charlm": 0.25})
-    assert {(s.workload, s.steps) for s in specs} == {("digits", 1000), ("charlm", 500)}
+    assert {(s.workload, s.steps) for s in specs} == {("digits", FULL_STEPS["digits"]),
+                                                      ("charlm", round(FULL_STEPS["charlm"] / 4))}
     assert steps_for("digits", True, 0.1) == 20
 
 
@@ -179,3 +180,27 @@ def test_notebooks_execute(quick, monkeypatch):
     for stem, a, b in sections:
         text = json.dumps([c.get("outputs", []) for c in combined.cells[a:b]])
         assert "image/png" in text and "seed(s) per configuration" in text, stem
+
+
+def test_sparse_chooses_z_from_delta_with_a_window_scaled_to_the_run():
+    from corrtools.experiments.runs import auto_z_config
+
+    spec = EXPERIMENTS["fig4"].specs(False, 1, 1.0)
+    sparse = [s for s in spec if s.method == "sparse"]
+    assert sparse and all(s.z == "auto" for s in sparse)
+    cfg = auto_z_config(2000)
+    assert (cfg.window, cfg.reestimate_every, cfg.warmup) == (500, 1000, 500)  # estimates at T/4 and 3T/4
+    row = train(RunSpec(workload="digits", method="sparse", steps=50, size="quick", density=0.5, z="auto"))
+    steps = [int(e.split(":")[0]) for e in row["z_estimates"].split(";")]
+    assert steps == [16, 48]  # window max(16, 50 // 4) = 16: first estimate at 16, again 2 * 16 steps later
+    assert 1 <= row["z_used"] <= 8
+
+
+def test_within_half_percent_verdict_separates_held_failed_and_unsettled():
+    from corrtools.experiments.report import _within_verdict
+
+    assert _within_verdict("digits", 0.074, 0.002, 0.070, 0.002) == "held"  # 0.4 points: inside the band
+    assert _within_verdict("digits", 0.090, 0.003, 0.070, 0.002) == "did not hold"  # 2 points, spread 0.3
+    assert _within_verdict("digits", 0.080, 0.008, 0.070, 0.002).startswith("not settled")  # 1 point, spread 0.8
+    assert _within_verdict("charlm", 2.32, 0.001, 2.30, 0.001) == "did not hold"  # band 0.0115 bits/char
+    assert _within_verdict("charlm", 2.31, 0.001, 2.30, 0.001) == "held"
