@@ -74,6 +74,34 @@ def test_topk_mask_ties_below_and_above_the_threshold(dtype):
     assert topk_mask(w, 4 / 6).tolist() == [True] * 4 + [False] * 2
 
 
+def test_select_rank_equals_a_full_partition_on_large_arrays_with_and_without_ties():
+    """The CPU threshold brackets the rank with a sample and partitions only the bracket (arrays of
+    >= 65536 values): the value must be np.partition's, also when ties fill the bracket or when the
+    rank sits at either end; and the masks built on it must match a stable brute-force top-k."""
+    from corrtools.sparse.masks import _select_rank
+
+    rng = np.random.default_rng(0)
+    for t in range(60):
+        n = int(rng.integers(65536, 150000))
+        if t % 3 == 0:
+            x = rng.standard_normal(n).astype(np.float32)
+        elif t % 3 == 1:
+            x = rng.integers(0, int(rng.integers(2, 50)), n).astype(np.float32)  # heavy ties
+        else:
+            x = np.abs(rng.standard_normal(n)).astype(np.float16)
+        for rank in (0, n - 1, int(rng.integers(0, n)), n // 2):
+            assert _select_rank(x, rank) == np.partition(x, rank)[rank]
+    for make, kw in ((_normal, {}), (_ints, {"high": 6})):
+        w = make((300, 260), **kw)  # 78000 weights: the bracketed path
+        for density in (0.1, 0.25, 0.5):
+            k = kept_count(density, w.numel())
+            a = np.abs(w.numpy().reshape(-1))
+            order = np.lexsort((np.arange(a.size), -a))  # larger first, then lower index
+            want = np.zeros(a.size, dtype=bool)
+            want[order[:k]] = True
+            assert np.array_equal(topk_mask(w, density).numpy().reshape(-1), want)
+
+
 def test_topk_mask_conv_and_bad_density():
     w = _normal((8, 4, 3, 3), dtype=torch.float32)
     assert int(topk_mask(w, 0.25).sum()) == kept_count(0.25, w.numel())
