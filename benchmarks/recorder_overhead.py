@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         o = (f" {over[m] * 100:>+8.1f}% {ci[m][0] * 100:>+7.1f}..{ci[m][1] * 100:>+.1f}%".ljust(29) if m != "none"
              else f" {'-':>9} {'-':<18}")
         print(f"{m:<14}{weights[m]:>9}{step[m] * 1e3:>10.3f}{o}{proc[m] * 1e3:>9.3f}"
-              f"{over.get(m, 0.0) * base * 1e6 if m != 'none' else 0:>10.0f}{h}")
+              f"{over.get(m, 0.0) * base * 1e6:>10.0f}{h}")  # none has no entry in over: 0
     factor = over["naive_1e5"] / over["recorder_1e5"] if over["recorder_1e5"] > 0 else float("inf")
     print(f"overhead {args.workload} recorder_1e5: {over['recorder_1e5'] * 100:.1f}% (goal <= 3%); "
           f"recorder_1e4: {over['recorder_1e4'] * 100:.1f}% (goal <= 1%); naive_1e5: {over['naive_1e5'] * 100:.1f}%"

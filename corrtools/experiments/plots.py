@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["COLORS", "LABELS", "mean_std", "plot_experiment", "z_numeric"]
+__all__ = ["COLORS", "LABELS", "is_auto", "mean_std", "plot_experiment", "z_numeric"]
 
 LABELS = {"dense": "DENSE", "small": "SMALL", "sparse": "SPARSE (RESET)", "no_exploit": "NO EXPLOIT",
           "fix": "FIX", "regularize": "REGULARIZE", "set": "SET", "rigl": "RigL", "lottery": "LOTTERY",

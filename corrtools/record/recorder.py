@@ -130,6 +130,12 @@ class _Piece:
             self._ptr = ptr if p.is_contiguous() else -1
         return self._src
 
+    def columns(self, t: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """This piece's columns of ``t`` (last dimension = columns from ``first`` on), shaped
+        (..., k // run, run) for runs: where `gather_into` writes them."""
+        cols = t[..., self.start - first : self.stop - first]
+        return cols.unflatten(-1, (-1, self.run)) if self.run > 1 else cols
+
     def gather_into(self, out: torch.Tensor) -> None:
         """out (k,) -- or (k, run) for runs -- float32 <- p.flatten()[i] for the sampled i, in column order."""
         src = self.source()
@@ -548,8 +554,7 @@ class Recorder:
         block = _Block(t.numpy(), t, np.zeros(cs, np.int64), np.zeros(cs), np.zeros(cs, np.int64), np.zeros(cs))
         for g in self._groups:
             if g.staging is None:
-                block.dst.append([t[:, e.start : e.stop].view(cs, -1, e.run) if e.run > 1 else t[:, e.start : e.stop]
-                                  for e in g.entries])
+                block.dst.append([e.columns(t) for e in g.entries])
             else:
                 block.dst.append([t[:, g.start : g.stop]])
         block.reset()
@@ -688,7 +693,7 @@ class Recorder:
             for g in self._groups:
                 for e in g.entries:
                     piece = torch.empty(e.stop - e.start, dtype=torch.float32, device=local_tensor(e.param).device)
-                    e.gather_into(piece.view(-1, e.run) if e.run > 1 else piece)
+                    e.gather_into(e.columns(piece, first=e.start))
                     out[e.start : e.stop] = piece.cpu()
         return out.numpy()
 
@@ -725,9 +730,7 @@ class Recorder:
                 col += len(s.index)
             stage = d.type != "cpu" or self._stage_on_cpu
             staging = torch.empty(col - start, dtype=torch.float32, device=d) if stage else None
-            views = [] if staging is None else [
-                staging[e.start - start : e.stop - start].view(-1, e.run) if e.run > 1 else staging[e.start - start : e.stop - start]
-                for e in entries]
+            views = [] if staging is None else [e.columns(staging, first=start) for e in entries]
             groups.append(_DeviceGroup(d, start, col, entries, staging, views))
         return groups
 
