@@ -17,12 +17,14 @@ A run store is a Zarr v3 group (see DESIGN.md, "The run store, format 1")::
 
 Durability. Rows are committed one block at a time, and the length of `step` is the commit record:
 a block's chunks (of `values`, the optional arrays, then `step`) are written first, without touching
-any metadata (whole `values` chunks directly, the rest through a zarr handle that already knows the
-larger shape), then the metadata of the other arrays grows, and the metadata of `step` grows last. zarr's local store writes every file to a temporary name and renames it, so a
-process killed at any moment (SIGKILL) leaves every array readable and `step` never claims a row
-whose chunks are not on disk. Other arrays may be longer than `step` after such a kill; readers
-(`open_run`) take the first ``len(step)`` rows and `RunWriter.resume` trims them. Durability against
-power loss (fsync) is not attempted.
+any metadata, then the metadata of the other arrays grows, and the metadata of `step` grows last.
+In a local store all of this is written by `_direct` as files (zarr's own path cost several times
+the CPU): every file holding a committed row, and every ``zarr.json``, is written to a temporary
+name and renamed, as zarr's local store does; a `values` chunk that starts a block holds no
+committed row and is written in place. So a process killed at any moment (SIGKILL) leaves every
+array readable and `step` never claims a row whose chunks are not on disk. Other arrays may be
+longer than `step` after such a kill; readers (`open_run`) take the first ``len(step)`` rows and
+`RunWriter.resume` trims them. Durability against power loss (fsync) is not attempted.
 
 A lock file ``step/writer.lock`` inside the store (where Zarr never lists), held while a `RunWriter`
 is open, refuses a second writer; the kernel releases it when the writing process dies, so a killed
@@ -51,7 +53,6 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import json
-import mmap
 import os
 import shutil
 import uuid
@@ -66,6 +67,7 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from corrtools.errors import CorrtoolsError, close_matches
+from corrtools.record._direct import RowChunks, ShapeFile, ValuesChunks
 from corrtools.record._location import Location, ObjectLock, store_path
 from corrtools.record._lock import WriterLock
 
@@ -505,132 +507,6 @@ def _grown(array: zarr.Array, rows: int) -> zarr.Array:
     return zarr.Array(zarr.AsyncArray(meta, array.store_path, array.config))
 
 
-class _DirectChunks:
-    """Writes whole `values` chunks (float32, C order: bytes, optionally blosc, optionally crc32c)
-    with numcodecs and one atomic file write each, bypassing zarr's async machinery, which here cost
-    ~2x the CPU of compressing and writing. The bytes are what zarr writes for the same chunk
-    (tested); used only for blocks that start on a chunk boundary, with any other codec zarr is used
-    instead."""
-
-    def __init__(self, array: zarr.Array, folder: Path, codec: Any, checksum: bool):
-        self._array = array
-        self._folder = folder
-        self._codec = codec
-        self._checksum = checksum
-        self._cs, self._cw = (int(c) for c in array.chunks)
-        raw = self._cs * self._cw * 4
-        # page-aligned staging for one encoded chunk (blosc can exceed the raw size by its header)
-        self._buf = mmap.mmap(-1, -(-(raw + raw // 16 + 4096) // _PAGE) * _PAGE)
-        self._staged = np.frombuffer(self._buf, dtype="<f4", count=self._cs * self._cw).reshape(self._cs, self._cw)
-        self._made: set[Path] = set()  # chunk folders known to exist
-        self._o_direct = _O_DIRECT  # cleared for good once the file system refuses it
-
-    @classmethod
-    def for_array(cls, array: zarr.Array, folder: Path) -> _DirectChunks | None:
-        import numcodecs
-
-        codecs = [c.to_dict() for c in array.metadata.codecs]
-        if array.dtype != np.float32 or array.metadata.storage_transformers:
-            return None
-        if not codecs or codecs[0] != {"name": "bytes", "configuration": {"endian": "little"}}:
-            return None
-        checksum = codecs[-1].get("name") == "crc32c"
-        middle = codecs[1:-1] if checksum else codecs[1:]
-        if not middle:
-            return cls(array, folder, None, checksum)
-        if len(middle) != 1 or middle[0].get("name") != "blosc":
-            return None
-        cfg = middle[0]["configuration"]
-        shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
-                   "bitshuffle": numcodecs.Blosc.BITSHUFFLE}.get(cfg.get("shuffle"))
-        if shuffle is None or cfg.get("typesize") != 4:
-            return None
-        codec = numcodecs.Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=shuffle,
-                                blocksize=cfg.get("blocksize", 0))
-        return cls(array, folder, codec, checksum)
-
-    def write_rows(self, row0: int, values: np.ndarray) -> None:
-        """Write rows [row0, row0 + k) of (k, N) `values`; row0 is a multiple of chunk_steps. Chunks
-        are padded with NaN (the fill value) past the last row and the last column."""
-        import google_crc32c  # a dependency of zarr's crc32c codec
-
-        cs, cw = self._cs, self._cw
-        k, n = values.shape
-        for r in range(0, k, cs):
-            rows = values[r : r + cs]
-            for c in range(0, n, cw):
-                chunk = rows[:, c : c + cw]
-                staged = self._staged  # the chunk, C order, in page-aligned memory
-                if chunk.shape != (cs, cw):
-                    staged.fill(np.nan)
-                staged[: chunk.shape[0], : chunk.shape[1]] = chunk
-                view = memoryview(self._buf)
-                if self._codec is None:
-                    size = staged.nbytes
-                else:
-                    encoded = self._codec.encode(staged)
-                    size = len(encoded)
-                    view[:size] = encoded
-                data = view[:size]
-                tail = b""
-                if self._checksum:  # zarr's crc32c codec: 4 bytes, little-endian, after the data
-                    readonly = np.frombuffer(self._buf, dtype=np.uint8, count=size)
-                    readonly.flags.writeable = False  # google_crc32c takes read-only buffers only
-                    tail = np.uint32(google_crc32c.value(readonly)).astype("<u4").tobytes()
-                key = self._array.metadata.encode_chunk_key(((row0 + r) // cs, c // cw))
-                target = self._folder / key
-                if target.parent not in self._made:  # one mkdir per chunk column, not per chunk
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    self._made.add(target.parent)
-                tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
-                self._write_file(tmp, data, tail)
-                os.replace(tmp, target)
-
-    def _write_file(self, path: Path, data: memoryview, tail: bytes) -> None:
-        """Create `path` holding `data` (page-aligned memory) then `tail`. The whole pages of `data`
-        are written with O_DIRECT where the file system allows it: the disk takes them straight from
-        our buffer, which here costs the writer thread 3-10x less CPU than going through the page
-        cache (docs/recorder.md, "Performance"); the rest, and everything where O_DIRECT is refused
-        (tmpfs, some network file systems), goes through the page cache."""
-        head = len(data) // _PAGE * _PAGE if self._o_direct else 0
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        try:
-            fd = os.open(path, flags | (self._o_direct if head else 0), 0o666)
-        except OSError as err:
-            if not head or err.errno != errno.EINVAL:
-                raise
-            self._o_direct, head = 0, 0
-            fd = os.open(path, flags, 0o666)
-        try:
-            if head:
-                try:
-                    _write_all(fd, data[:head])
-                except OSError as err:
-                    if err.errno != errno.EINVAL:
-                        raise
-                    self._o_direct, head = 0, 0  # e.g. a block size above the page size
-                    os.ftruncate(fd, 0)
-                    os.lseek(fd, 0, os.SEEK_SET)
-                import fcntl  # O_DIRECT exists only where fcntl does
-
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-            _write_all(fd, data[head:])
-            _write_all(fd, tail)
-        finally:
-            os.close(fd)
-
-
-_PAGE = mmap.PAGESIZE
-_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere every write goes through the page cache
-
-
-def _write_all(fd: int, data: Any) -> None:
-    """os.write until all of the bytes-like `data` is written."""
-    view = memoryview(data).cast("B")
-    while len(view):
-        view = view[os.write(fd, view):]
-
-
 def _fill_for(dtype: np.dtype) -> Any:
     return _FILL.get(np.dtype(dtype).kind, 0)
 
@@ -655,8 +531,12 @@ class RunWriter:
         self.n_steps = int(self._step.shape[0])
         self.last_step = int(self._step[self.n_steps - 1]) if self.n_steps else -1
         self.chunk_steps, self.chunk_weights = (int(c) for c in self._values.chunks)
-        # object stores: zarr's own writes (one PUT per chunk, atomic)
-        self._direct = _DirectChunks.for_array(self._values, path.local / "values") if path.local else None
+        # local stores: chunks and metadata written as files (see `_direct`); object stores:
+        # zarr's own writes (one PUT per chunk, atomic)
+        self._local = path.local
+        self._direct = ValuesChunks.for_array(self._values, path.local / "values") if path.local else None
+        self._rows: dict[str, RowChunks | None] = {}   # per 1-D step array, made on first use
+        self._shapes: dict[str, ShapeFile] = {}         # per step-indexed array, made on first use
 
     # -------------------------------------------------------------------------- construction
     @classmethod
@@ -819,20 +699,40 @@ class RunWriter:
             data = optional.get(name)
             if data is None:
                 data = np.full((k, *arr.shape[1:]), _fill_for(arr.dtype), dtype=arr.dtype)
-            _grown(arr, n1)[n0:n1] = data
-        _grown(self._step, n1)[n0:n1] = steps
+            self._append(name, arr, n0, data)
+        self._append(STEP, self._step, n0, steps)
         # 2. grow metadata; `step` last: its length is the commit record
-        for arr in [self._values, *self._extra.values()]:
-            arr.resize((n1, *arr.shape[1:]))
-        self._step.resize((n1,))
+        for name, arr in [("values", self._values), *self._extra.items(), (STEP, self._step)]:
+            self._set_rows(name, arr, n1)
         self.n_steps, self.last_step = n1, int(steps[-1])
+
+    def _append(self, name: str, arr: zarr.Array, n0: int, data: np.ndarray) -> None:
+        """Write `data` as rows [n0, n0 + k) of the step array `name`, metadata untouched."""
+        if name not in self._rows:
+            self._rows[name] = RowChunks.for_array(arr, self._local / name) if self._local else None
+        rows = self._rows[name]
+        if rows is None:
+            _grown(arr, n0 + len(data))[n0:] = data
+        else:
+            rows.write(n0, data, lambda lo, hi: _grown(arr, n0)[lo:hi])
+
+    def _set_rows(self, name: str, arr: zarr.Array, rows: int) -> None:
+        """Grow the metadata of the step array `name` to `rows` rows."""
+        if self._local is None:
+            arr.resize((rows, *arr.shape[1:]))
+            return
+        if name not in self._shapes:
+            self._shapes[name] = ShapeFile(self._local / name)
+        self._shapes[name].set_rows(rows)
 
     def write_optional(self, name: str, data: np.ndarray) -> None:
         """Write a whole optional array over the rows written so far: (n_steps,) or (n_steps, N),
         e.g. a RESET interval `z` decided after the fact. Replaces an existing array of that name."""
         self._check_open()
         data = self._check_optional(name, data, self.n_steps)
-        self._extra[name][:] = data
+        _grown(self._extra[name], self.n_steps)[:] = data
+        if self._rows.get(name) is not None:
+            self._rows[name].forget()
 
     def _check_optional(self, name: str, data: Any, k: int) -> np.ndarray:
         if name in _CORE:
@@ -871,6 +771,8 @@ class RunWriter:
         if rows:  # the rows before its first use hold fill values, in chunks on disk like any other
             arr[:rows] = np.full((rows, *shape[1:]), _fill_for(data.dtype), dtype=data.dtype)
         self._extra[name] = arr
+        self._rows.pop(name, None)
+        self._shapes.pop(name, None)
         return arr
 
     # ------------------------------------------------------------------------------- closing

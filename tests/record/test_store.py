@@ -17,6 +17,7 @@ import xarray as xr
 import zarr
 
 from corrtools.errors import CorrtoolsError
+from corrtools.record import _direct as direct_mod
 from corrtools.record import store as store_mod
 from corrtools.record.store import RunWriter, open_run, read_group, run_info, write_group
 
@@ -241,17 +242,20 @@ def test_interrupted_commit_shows_only_committed_rows(tmp_path, monkeypatch, fai
     p = tmp_path / "r.zarr"
     w = _create(p)
     _write_steps(w, range(6))
-    real = zarr.Array.resize
+    real = direct_mod.ShapeFile.set_rows
+    grown = []
 
-    def dying_resize(self, shape, *a, **k):
-        if self.basename == fail_on:
+    def dying_set_rows(self, rows):  # the local writer grows each array's metadata through this
+        if self._path.parent.name == fail_on:
             raise KeyboardInterrupt
-        return real(self, shape, *a, **k)
+        grown.append(self._path.parent.name)
+        return real(self, rows)
 
-    monkeypatch.setattr(zarr.Array, "resize", dying_resize)
+    monkeypatch.setattr(direct_mod.ShapeFile, "set_rows", dying_set_rows)
     with pytest.raises(KeyboardInterrupt):
         w.write_block([6, 7, 8], np.full((3, N), -5.0))
     monkeypatch.undo()
+    assert "step" not in grown  # `step` grows last
     w.abandon()
     ds = open_run(p)
     np.testing.assert_array_equal(ds["step"].values, np.arange(6))
@@ -379,7 +383,7 @@ def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, monkeypatch, com
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: opened.append((str(path), flags)) or real_open(path, flags, *a, **k))
     if not o_direct:
-        monkeypatch.setattr(store_mod, "_O_DIRECT", 0)
+        monkeypatch.setattr(direct_mod, "_O_DIRECT", 0)
     rng = np.random.default_rng(1)
     n = int(2.3 * cw)
     data = rng.normal(size=(11, n)).astype(np.float32)
@@ -405,6 +409,49 @@ def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, monkeypatch, com
     elif w._direct._o_direct:  # 0 only if this file system refused O_DIRECT
         # 9 chunk files written directly: 3 x 3 raw, of which lz4 may compress some below a page
         assert (direct_opens == 9) if compressor == "none" else (1 <= direct_opens <= 9), direct_opens
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_step_arrays_and_metadata_written_directly_match_zarr(tmp_path, checksum):
+    """`step`, `lr`, `loss` and `z` chunks and every zarr.json written without zarr hold what zarr
+    writes: appends of odd sizes across chunk edges, an array that starts mid-run, a resume whose
+    first append lands inside a chunk, and a whole-array rewrite (`write_optional`) in between."""
+    p = tmp_path / "r.zarr"
+    w = _create(p, checksum=checksum)
+    rng = np.random.default_rng(3)
+    steps, lr, loss, z = np.arange(40), rng.random(40), rng.random(40).astype(np.float32), np.full(40, np.nan, np.float32)
+    edges = [0, 3, 5, 6, 13, 17]
+    for a, b in zip(edges[:-1], edges[1:]):
+        opt = {"lr": lr[a:b], "loss": loss[a:b]} | ({"z": z[a:b]} if a >= 5 else {})
+        w.write_block(steps[a:b], np.tile(steps[a:b, None], (1, N)).astype(np.float32), opt)
+    z[5:17] = rng.random(12)
+    w.write_optional("z", z[:17])
+    w.abandon()
+    w = RunWriter.resume(p)  # 17 rows: the next append lands inside the fifth `step` chunk
+    for a, b in [(17, 23), (23, 40)]:
+        w.write_block(steps[a:b], np.tile(steps[a:b, None], (1, N)).astype(np.float32),
+                      {"lr": lr[a:b], "loss": loss[a:b], "z": z[a:b]})
+    w.close(np.zeros(N), 40)
+    ds = open_run(p)
+    for name, want in [("step", steps), ("lr", lr), ("loss", loss)]:
+        np.testing.assert_array_equal(ds[name].values, want)
+    np.testing.assert_array_equal(ds["z"].values[:5], np.nan)
+    np.testing.assert_array_equal(ds["z"].values[5:], z[5:])
+    for name in ("step", "lr", "loss", "z", "values"):
+        mine = zarr.open_array(str(p / name), mode="r")
+        twin = zarr.create_array(str(tmp_path / "twin" / name), shape=mine.shape, chunks=mine.chunks,
+                                 dtype=mine.dtype, fill_value=mine.fill_value,
+                                 compressors=mine.compressors, dimension_names=mine.metadata.dimension_names,
+                                 attributes=mine.attrs.asdict(), config={"write_empty_chunks": True})
+        twin[:] = mine[:]
+        keys = sorted(str(f.relative_to(p / name)) for f in (p / name / "c").rglob("*") if f.is_file())
+        assert keys, name
+        if name != "values":  # values: see test_direct_chunk_writes_match_zarr_byte_for_byte
+            for key in keys:
+                assert (p / name / key).read_bytes() == (tmp_path / "twin" / name / key).read_bytes(), (name, key)
+        assert json.loads((p / name / "zarr.json").read_bytes()) == json.loads(
+            (tmp_path / "twin" / name / "zarr.json").read_bytes()), name
+    assert not list(p.rglob("*.partial"))
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
