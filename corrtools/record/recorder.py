@@ -36,6 +36,7 @@ closed).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import os
@@ -72,6 +73,7 @@ from corrtools.record.store import (
 __all__ = ["Recorder"]
 
 _BLOCK_BYTES = 16 << 20  # cap on one host block (chunk_steps x weights x 4 bytes)
+_MAX_ROW_VIEWS = 4096  # per block: rows x pieces of one-row views kept ready for the hook (~0.6 KB each)
 FLUSH_EVERY = 30.0  # seconds: the default bound on how long a taken row may stay in memory only
 
 
@@ -81,26 +83,29 @@ class _Block:
 
     values: np.ndarray          # (chunk_steps, N) float32, pinned on CUDA
     tensor: torch.Tensor        # the same memory as a tensor
-    steps: np.ndarray           # (chunk_steps,) int64
-    loss_sum: np.ndarray        # (chunk_steps,) float64
-    loss_n: np.ndarray          # (chunk_steps,) int64
-    lr: np.ndarray              # (chunk_steps,) float64
+    # per row, Python lists: a list item costs the hook far less than a NumPy scalar write right
+    # after an optimizer step (cold caches)
+    steps: list[int]            # (chunk_steps,) optimizer step of each row
+    loss_sum: list[float]       # (chunk_steps,) sum of the losses logged for the row
+    loss_n: list[int]           # (chunk_steps,) how many
+    lr: list[float]             # (chunk_steps,) NaN where none
     k: int = 0                  # rows filled
     flushed: int = 0            # rows [0, flushed) already handed to the writer
     event: Any = None           # CUDA event after the last copy into this block
     z: np.ndarray | None = None # (chunk_steps,) RESET interval per row, once one was logged (log_z)
-    dst: list[list[torch.Tensor]] = dataclasses.field(default_factory=list)
-    # per device group, per piece: a (chunk_steps, k, run) view of the piece's columns; row i's
-    # destination is dst[g][e].select(0, i) (CPU groups), or for a staged group its one (chunk_steps,
-    # stop - start) view of the group's columns (built once, see Recorder._new_block)
+    dst: list[list[Any]] = dataclasses.field(default_factory=list)
+    # per device group: for a CPU group, per row, per piece, the (k,) or (k // run, run) view of
+    # the piece's columns in that row (dst[g][i][e]); for a staged group its one (chunk_steps,
+    # stop - start) view of the group's columns. Built once per block (see Recorder._new_block)
 
     def reset(self) -> None:
         self.k, self.flushed, self.event = 0, 0, None
         if self.z is not None:
             self.z[:] = np.nan
-        self.loss_sum[:] = 0.0
-        self.loss_n[:] = 0
-        self.lr[:] = np.nan
+        n = len(self.steps)
+        self.loss_sum[:] = [0.0] * n
+        self.loss_n[:] = [0] * n
+        self.lr[:] = [math.nan] * n
 
 
 class _Piece:
@@ -111,23 +116,23 @@ class _Piece:
     views of :class:`_Block`, keeps the per-step Python work to one torch call per piece: the hook
     runs right after the optimizer step, when every extra call pays for cold caches."""
 
-    __slots__ = ("param", "idx", "run", "start", "stop", "_ptr", "_src")
+    __slots__ = ("param", "idx", "run", "start", "stop", "_ptr", "_dtype", "_src", "_f32", "_dtensor")
 
     def __init__(self, param: nn.Parameter, idx: torch.Tensor, run: int, start: int, stop: int) -> None:
         self.param, self.idx, self.run, self.start, self.stop = param, idx, run, start, stop
-        self._ptr, self._src = -1, torch.empty(0)
+        self._ptr, self._dtype, self._src, self._f32 = -1, None, torch.empty(0), True
+        self._dtensor = local_tensor(param) is not param
 
     def source(self) -> torch.Tensor:
         """(numel // run, run) -- or (numel,) for run 1 -- detached view of the (local) parameter."""
-        p = local_tensor(self.param)
-        ptr = p.data_ptr()
-        if ptr != self._ptr or self._src.dtype != p.dtype:
+        p = self.param.to_local() if self._dtensor else self.param
+        if p.data_ptr() != self._ptr or p.dtype is not self._dtype:
             flat = p.detach().reshape(-1)  # a view when contiguous, else a copy (re-made every row)
             if self.run > 1:
                 n = flat.numel() // self.run * self.run
                 flat = flat[:n].view(-1, self.run)
-            self._src = flat
-            self._ptr = ptr if p.is_contiguous() else -1
+            self._src, self._dtype, self._f32 = flat, p.dtype, p.dtype == torch.float32
+            self._ptr = p.data_ptr() if p.is_contiguous() else -1
         return self._src
 
     def columns(self, t: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -139,10 +144,23 @@ class _Piece:
     def gather_into(self, out: torch.Tensor) -> None:
         """out (k,) -- or (k, run) for runs -- float32 <- p.flatten()[i] for the sampled i, in column order."""
         src = self.source()
-        if src.dtype == torch.float32:
+        if self._f32:
             torch.index_select(src, 0, self.idx, out=out)
         else:
             out.copy_(torch.index_select(src, 0, self.idx))
+
+
+class _RowViews:
+    """Row i of a block, per piece: ``[c.select(0, i) for c in cols]``, made when asked for (the
+    fallback of `_Block.dst` when keeping every row's views would take much memory)."""
+
+    __slots__ = ("cols",)
+
+    def __init__(self, cols: list[torch.Tensor]) -> None:
+        self.cols = cols
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        return [c.select(0, i) for c in self.cols]
 
 
 @dataclasses.dataclass
@@ -440,7 +458,7 @@ class Recorder:
         s = self.step if step is None else int(step)
         cur = self._current
         if cur is not None and cur.k and s <= cur.steps[cur.k - 1]:
-            first = int(np.searchsorted(cur.steps[: cur.k], s))  # the row covering step s
+            first = bisect.bisect_left(cur.steps, s, 0, cur.k)  # the row covering step s
             if (first == 0 and s <= self._current_prev) or first < cur.flushed:
                 raise self._too_late(s)
             cur.loss_sum[first] += float(loss)
@@ -527,19 +545,20 @@ class Recorder:
             cur = self._current = self._get_free()
             self._current_prev = self._last_row_step  # step of the row before this block
         i = cur.k
-        for g, views in zip(self._groups, cur.dst):
+        for g, dst in zip(self._groups, cur.dst):
             if g.staging is None:  # CPU: straight into the host row
-                for piece, view in zip(g.entries, views):
-                    piece.gather_into(view.select(0, i))
+                for piece, out in zip(g.entries, dst[i]):
+                    piece.gather_into(out)
             else:
                 for piece, view in zip(g.entries, g.staging_views):
                     piece.gather_into(view)
-                views[0].select(0, i).copy_(g.staging, non_blocking=True)
+                dst[0].select(0, i).copy_(g.staging, non_blocking=True)
         cur.steps[i] = step
         cur.lr[i] = lr
-        cur.loss_sum[i] += self._pending_sum
-        cur.loss_n[i] += self._pending_n
-        self._pending_sum, self._pending_n = 0.0, 0
+        if self._pending_n:
+            cur.loss_sum[i] += self._pending_sum
+            cur.loss_n[i] += self._pending_n
+            self._pending_sum, self._pending_n = 0.0, 0
         cur.k = i + 1
         self._last_row_step = step
 
@@ -551,10 +570,13 @@ class Recorder:
     def _new_block(self, pin: bool) -> _Block:
         t = torch.empty((self.chunk_steps, self.n_weights), dtype=torch.float32, pin_memory=pin)
         cs = self.chunk_steps
-        block = _Block(t.numpy(), t, np.zeros(cs, np.int64), np.zeros(cs), np.zeros(cs, np.int64), np.zeros(cs))
+        block = _Block(t.numpy(), t, [0] * cs, [0.0] * cs, [0] * cs, [math.nan] * cs)
         for g in self._groups:
             if g.staging is None:
-                block.dst.append([e.columns(t) for e in g.entries])
+                cols = [e.columns(t) for e in g.entries]  # (chunk_steps, ...) per piece
+                rows = _RowViews(cols)
+                # every row's views made now (~0.6 KB each), unless that would be many
+                block.dst.append([rows[i] for i in range(cs)] if cs * len(cols) <= _MAX_ROW_VIEWS else rows)
             else:
                 block.dst.append([t[:, g.start : g.stop]])
         block.reset()
@@ -583,7 +605,7 @@ class Recorder:
             if block.z is None:
                 block.z = np.full(len(block.steps), np.nan, dtype=np.float32)
             rows = slice(block.flushed, block.k)
-            block.z[rows] = z_for_rows(block.steps[rows], self._z_changes)
+            block.z[rows] = z_for_rows(np.asarray(block.steps[rows], dtype=np.int64), self._z_changes)
 
     def _submit(self, block: _Block) -> None:
         self._stamp_z(block)
@@ -641,16 +663,18 @@ class Recorder:
             return
         rows = slice(lo, hi)
         optional: dict[str, np.ndarray] = {}
-        if not np.isnan(block.lr[rows]).all():
-            optional["lr"] = block.lr[rows].copy()
-        n = block.loss_n[rows]
+        lr = np.asarray(block.lr[rows], dtype=np.float64)
+        if not np.isnan(lr).all():
+            optional["lr"] = lr
+        n = np.asarray(block.loss_n[rows], dtype=np.int64)
         if self._loss_seen or n.any():
             self._loss_seen = True
+            loss_sum = np.asarray(block.loss_sum[rows], dtype=np.float64)
             with np.errstate(invalid="ignore", divide="ignore"):
-                optional["loss"] = np.where(n > 0, block.loss_sum[rows] / np.maximum(n, 1), np.nan).astype(np.float32)
+                optional["loss"] = np.where(n > 0, loss_sum / np.maximum(n, 1), np.nan).astype(np.float32)
         if block.z is not None:
             optional[Z] = block.z[rows].copy()
-        self._writer.write_block(block.steps[rows], block.values[rows], optional)
+        self._writer.write_block(np.asarray(block.steps[rows], dtype=np.int64), block.values[rows], optional)
 
     # ------------------------------------------------------------------------ lifecycle
     def _shutdown(self, complete: bool, raise_errors: bool = True) -> None:

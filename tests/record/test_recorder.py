@@ -77,8 +77,11 @@ def test_docstring_example_runs():
     assert result.attempted >= 6
 
 
+@pytest.mark.parametrize("row_views", ["kept", "made per row"])
 @pytest.mark.parametrize("layout", ["runs", "uniform"])
-def test_values_equal_an_independent_copy_of_the_weights(tmp_path, layout):
+def test_values_equal_an_independent_copy_of_the_weights(tmp_path, monkeypatch, layout, row_views):
+    if row_views == "made per row":  # the fallback for blocks with many rows x pieces
+        monkeypatch.setattr(recorder_mod, "_MAX_ROW_VIEWS", 0)
     torch.manual_seed(0)
     model = _Net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
