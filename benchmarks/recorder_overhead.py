@@ -1,12 +1,14 @@
 """Recorder overhead on a CPU workload, measured side by side in one process.
 
-Trains one workload in alternating blocks of steps, rotating through four modes. Workloads
+Trains one workload in short blocks of steps, alternating between no recorder and the other modes. Workloads
 (``--workload``): ``charlm``, the built-in CharLM (d_model=128, 2 layers, ~19 ms per step here), with
 ~10^4 / ~10^5 weights sampled as one fraction of every weight matrix; ``mlp``, an MLP 512→1024→1024→512
 (ReLU, AdamW, batches of 64 of a random regression task, ~10 ms per step here) with 10^4 / 10^5 weights
 split evenly over its three matrices (~3,300 / ~34,000 each). Modes:
 
     none          no recorder
+    none_check    no recorder either, measured like the recorder modes: its "overhead" is the
+                  benchmark's own error (it should read 0 within its interval)
     recorder_1e4  corrtools.Recorder with ~10^4 sampled weights per step
     recorder_1e5  corrtools.Recorder with ~10^5 sampled weights per step
     naive_1e5     per step: ``.detach().cpu().numpy()`` of the same ~10^5 sampled values and a
@@ -14,16 +16,20 @@ split evenly over its three matrices (~3,300 / ~34,000 each). Modes:
 
 Each recorder keeps one store open for the whole benchmark and is attached only during its own
 blocks; at the end of a block the benchmark waits until the recorder's writer thread has written
-every block handed to it, so background writing is charged to the mode that caused it. Rounds run
-every mode once, in rotated order, in short blocks. A mode's overhead is the mean over rounds of its
-block time over the same round's no-recorder block, minus 1, printed with a 95% bootstrap interval
-over rounds: pairing within a round cancels the machine's drift, which on this 2-core VM moves the
-step time by 10-20% over a minute. naive_1e5 runs after the rest, paired with its own no-recorder
-blocks, and is charged the page cache's writeback (``os.sync``) of its appends. ``step_ms`` is the
+every block handed to it, so background writing is charged to the mode that caused it (with the
+disk's latency for the last write: conservative). Every measured block sits between two
+no-recorder blocks; a round measures each mode once, in rotated order. A block's overhead is its
+time over the mean of its two neighbours, minus 1; a mode's overhead is the mean over its blocks,
+printed with a 95% bootstrap interval over them. Interpolating between neighbours cancels the
+machine's drift, which on this 2-core VM moves the step time by 10-20% over a minute and makes
+20-step blocks 0.7-correlated with the next (pairing within a round of four modes left a ±3%
+interval on none_check; neighbours narrow it). naive_1e5 runs after the rest, paired with its own
+no-recorder blocks, and is charged the page cache's writeback (``os.sync``) of its appends. ``step_ms`` is the
 median block time; ``cpu_ms`` the CPU time of the whole process per step (training, the writer
 thread, zarr's threads); ``extra_us`` the overhead in microseconds of a no-recorder step;
 ``hook_us`` the median time of the Recorder's own per-step work (the gather into the host block,
-inside the optimizer hook) and ``write_us`` the writer thread's CPU time per row.
+inside the optimizer hook) and ``write_us`` the writer thread's CPU time per row (all of the
+writing: the store's writes are made on that thread, none through zarr's event-loop thread).
 Goal: recorder_1e5 overhead <= 3% and recorder_1e4 <= 1% on both workloads, and >= 10x less overhead
 than naive_1e5. ``--uniform`` adds the mode ``uniform_1e5``: recorder_1e5 with ``layout="uniform"``
 (single weights) instead of the default runs of 16.
@@ -211,11 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     naive = NaiveRecorder(wl.model, root / "naive.zarr", sample["recorder_1e5"])
     weights = {"none": 0, **{m: r.n_weights for m, r in recorders.items()},
                "naive_1e5": naive.array.shape[1]}
-    modes = ["none", *recorders]
+    modes = ["none", "none_check", *recorders]
+    weights["none_check"] = 0
     for _ in range(3):  # warm-up: allocator, first-call overheads
         wl.train_step()
     times: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}
     cpu: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}  # process CPU, all threads
+
+    sequence: list[str] = []  # the modes in the order measured, naive's part after the rest
 
     def measure(mode: str) -> None:
         rec = recorders.get(mode)
@@ -232,10 +241,15 @@ def main(argv: list[str] | None = None) -> int:
             os.sync()  # and the page cache's writeback of the naive appends to the naive blocks
         times[mode].append((time.perf_counter() - t0) / block)
         cpu[mode].append((time.process_time() - c0) / block)
+        sequence.append(mode)
 
+    slots = modes[1:]
+    measure("none")
     for r in range(rounds):
-        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:  # rotate to spread drift evenly
+        for mode in slots[r % len(slots):] + slots[: r % len(slots)]:  # rotated; each between two nones
             measure(mode)
+            measure("none")
+    n_main = len(sequence)
     # the naive recorder is 3-6x slower and leaves dirty pages behind: measured apart, after the rest
     naive_rounds = max(2, rounds // 8)
     for r in range(naive_rounds):
@@ -249,17 +263,20 @@ def main(argv: list[str] | None = None) -> int:
              for m in recorders}
     tmp.cleanup()
 
-    # per round: a mode's block time over the same round's no-recorder block (pairs cancel drift)
-    none = np.array(times["none"])
-    ratio = {m: np.array(times[m][: rounds]) / none[: rounds] for m in modes}
-    ratio["naive_1e5"] = np.array(times["naive_1e5"]) / none[rounds:]
+    # per block: its time over the mean of its neighbouring no-recorder blocks (cancels drift)
+    seconds = {m: iter(v) for m, v in times.items()}
+    seq_s = [next(seconds[m]) for m in sequence]
+    ratio = {m: np.array([seq_s[i] / (seq_s[i - 1] + seq_s[i + 1]) * 2 for i in range(1, n_main, 2)
+                          if sequence[i] == m]) for m in slots}
+    none_naive = np.array(times["none"][-naive_rounds:])  # naive: paired with its own no-recorder blocks
+    ratio["naive_1e5"] = np.array(times["naive_1e5"]) / none_naive
     over = {m: float(v.mean() - 1) for m, v in ratio.items()}
     ci = {m: _bootstrap_ci(v - 1) for m, v in ratio.items()}
     step = {m: statistics.median(v) for m, v in times.items()}
     proc = {m: statistics.median(v) for m, v in cpu.items()}
     base = step["none"]
     print(f"recorder overhead: {title} ({n_matrix} matrix weights), "
-          f"{rounds} rounds x {block} steps per mode (naive: {naive_rounds} rounds apart), torch {torch.__version__}, "
+          f"{rounds} rounds x {block} steps per mode, each between two no-recorder blocks (naive: {naive_rounds} rounds apart), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load {' '.join(open('/proc/loadavg').read().split()[:3])}")
     print(f"{'mode':<14}{'weights':>9}{'step_ms':>10}{'overhead':>10} {'95% CI':<18}{'cpu_ms':>9}{'extra_us':>10}"
           f"{'hook_us':>9}{'write_us':>10}")
@@ -274,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
           f"recorder_1e4: {over['recorder_1e4'] * 100:.1f}% (goal <= 1%); naive_1e5: {over['naive_1e5'] * 100:.1f}%"
           + (f"; uniform_1e5: {over['uniform_1e5'] * 100:.1f}%" if args.uniform else ""))
     print(f"naive/recorder overhead at 1e5: {factor:.1f}x (goal >= 10x)")
+    print(f"resolution: none_check (no recorder, measured like the others) {over['none_check'] * 100:+.1f}% "
+          f"[{ci['none_check'][0] * 100:+.1f}, {ci['none_check'][1] * 100:+.1f}]")
     if args.checksum_cost:
         print(f"checksum cost at 1e5: step {(over['recorder_1e5'] - over['nocrc_1e5']) * 100:+.1f}% of a step, "
               f"process CPU {(proc['recorder_1e5'] / proc['nocrc_1e5'] - 1) * 100:+.1f}% "

@@ -25,10 +25,10 @@ def test_recorder_overhead_quick_prints_table(workload):
                          rf"\s+{num}\s+(-|\d+)\s+(-|\d+)", line.strip())
         if m:
             rows[m.group(1)] = (int(m.group(2)), float(m.group(3)), m.group(4), m.group(8), m.group(9), m.group(5))
-    assert set(rows) == {"none", "recorder_1e4", "recorder_1e5", "naive_1e5"}
+    assert set(rows) == {"none", "none_check", "recorder_1e4", "recorder_1e5", "naive_1e5"}
     assert rows["none"][2] == "-" and all(r[1] > 0 for r in rows.values())
     # every other mode: its mean overhead lies inside its own bootstrap interval
-    for mode in ("recorder_1e4", "recorder_1e5", "naive_1e5"):
+    for mode in ("none_check", "recorder_1e4", "recorder_1e5", "naive_1e5"):
         lo, hi = (float(v) for v in rows[mode][5].rstrip("%").split(".."))
         assert lo <= float(rows[mode][2].rstrip("%")) <= hi
     assert rows["recorder_1e5"][0] == rows["naive_1e5"][0] > rows["recorder_1e4"][0] > 0
@@ -38,3 +38,6 @@ def test_recorder_overhead_quick_prints_table(workload):
         assert rows["recorder_1e5"][0] == 3 * 209 * 16
     assert re.search(rf"overhead {workload} recorder_1e5: -?[\d.]+%", out.stdout)
     assert re.search(r"naive/recorder overhead at 1e5: ([\d.]+|inf)x", out.stdout)
+    assert rows["none_check"][0] == 0 and rows["none_check"][3] == "-"
+    assert re.search(r"resolution: none_check \(no recorder, measured like the others\) [+-][\d.]+% "
+                     r"\[[+-][\d.]+, [+-][\d.]+\]", out.stdout)
