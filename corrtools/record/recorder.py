@@ -90,6 +90,8 @@ class _Block:
     loss_n: list[int]           # (chunk_steps,) how many
     lr: list[float]             # (chunk_steps,) NaN where none
     k: int = 0                  # rows filled
+    cap: int = 0                # rows this block takes before it is handed over (chunk_steps, or
+                                # fewer once after a resume, to end on a chunk boundary)
     flushed: int = 0            # rows [0, flushed) already handed to the writer
     event: Any = None           # CUDA event after the last copy into this block
     z: np.ndarray | None = None # (chunk_steps,) RESET interval per row, once one was logged (log_z)
@@ -351,6 +353,7 @@ class Recorder:
         queue_blocks = self._queue_blocks
         self.chunk_steps = self._writer.chunk_steps
         self._last_row_step = self._writer.last_step
+        self._next_row = self._writer.n_steps  # store row of the next row taken
         self._pending_sum, self._pending_n = 0.0, 0
         self._optimizer: torch.optim.Optimizer | None = None
         self._hook: Any = None
@@ -536,7 +539,7 @@ class Recorder:
         if (self._flush_every is not None and cur is not None and cur.k > cur.flushed
                 and time.monotonic() - self._flushed_at >= self._flush_every):
             self._flush(cur)  # the rows taken so far: every `log` for them has been made
-        if cur is not None and cur.k == self.chunk_steps:
+        if cur is not None and cur.k == cur.cap:
             # a full block is handed over only when the next row needs room, so that `log` can
             # still reach the block's last row
             self._submit(cur)
@@ -544,6 +547,9 @@ class Recorder:
         if cur is None:
             cur = self._current = self._get_free()
             self._current_prev = self._last_row_step  # step of the row before this block
+            # blocks end on chunk boundaries (after a resume the first one may be shorter), so
+            # that the writer writes whole chunks
+            cur.cap = self.chunk_steps - self._next_row % self.chunk_steps
         i = cur.k
         for g, dst in zip(self._groups, cur.dst):
             if g.staging is None:  # CPU: straight into the host row
@@ -560,6 +566,7 @@ class Recorder:
             cur.loss_n[i] += self._pending_n
             self._pending_sum, self._pending_n = 0.0, 0
         cur.k = i + 1
+        self._next_row += 1
         self._last_row_step = step
 
     def _pending_add(self, loss: float | torch.Tensor) -> None:

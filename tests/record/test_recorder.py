@@ -209,7 +209,7 @@ def test_second_recorder_is_refused_while_recording(tmp_path):
     Recorder(model, p, sample=4, resume=True).close()
 
 
-def test_resume_continues_without_duplicates(tmp_path):
+def test_resume_continues_without_duplicates(tmp_path, monkeypatch):
     p = tmp_path / "r.zarr"
     torch.manual_seed(0)
     model = _Net()
@@ -224,9 +224,14 @@ def test_resume_continues_without_duplicates(tmp_path):
         Recorder(model, p, sample=10, every=2, resume=True)
     with pytest.raises(CorrtoolsError, match="start_step=3 is before"):
         Recorder(model, p, sample=10, resume=True, start_step=3)
+    starts = []  # store row of each block written after the resume
+    real_write = RunWriter.write_block
+    monkeypatch.setattr(RunWriter, "write_block", lambda w, *a, **k: starts.append(w.n_steps) or real_write(w, *a, **k))
     with Recorder(model, p, sample=10, resume=True).attach(opt) as rec:
         assert rec.step == 6
         more, _ = _train(model, opt, 5, rec, seed=1)
+    monkeypatch.undo()
+    assert starts == [6, 8]  # a short first block, so that later ones start on chunk boundaries (4 rows)
     ds = open_run(p)
     np.testing.assert_array_equal(ds["step"].values, np.arange(1, 12))
     for r, s in enumerate(ds["step"].values):

@@ -411,6 +411,24 @@ def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, monkeypatch, com
         assert (direct_opens == 9) if compressor == "none" else (1 <= direct_opens <= 9), direct_opens
 
 
+@pytest.mark.parametrize("path", ["ctypes, without the GIL", "google_crc32c.value"])
+def test_chunk_checksum_is_zarrs_crc32c(monkeypatch, path):
+    """The trailer of a directly written chunk is zarr's crc32c codec's, whichever way it is computed."""
+    import google_crc32c
+
+    if path == "google_crc32c.value":
+        monkeypatch.setattr(direct_mod, "_CRC32C", [None])
+    else:
+        monkeypatch.setattr(direct_mod, "_CRC32C", [])
+        if direct_mod._crc32c_without_gil() is None:
+            pytest.skip("this google_crc32c wheel ships no libcrc32c")
+    rng = np.random.default_rng(4)
+    for size in (0, 1, 7, 4096, 100_003):
+        data = rng.integers(0, 256, size=size, dtype=np.uint8).tobytes()
+        assert direct_mod.crc32c_bytes(data) == int(google_crc32c.value(data)).to_bytes(4, "little"), size
+        assert direct_mod.crc32c_bytes(memoryview(bytearray(data))) == direct_mod.crc32c_bytes(data)
+
+
 @pytest.mark.parametrize("checksum", [True, False])
 def test_step_arrays_and_metadata_written_directly_match_zarr(tmp_path, checksum):
     """`step`, `lr`, `loss` and `z` chunks and every zarr.json written without zarr hold what zarr
