@@ -576,6 +576,10 @@ class Recorder:
     # ------------------------------------------------------------------ block handling
     def _new_block(self, pin: bool) -> _Block:
         t = torch.empty((self.chunk_steps, self.n_weights), dtype=torch.float32, pin_memory=pin)
+        if not pin:
+            # touch every page now: otherwise the hook pays the page faults of each block on its
+            # first pass through the ring (~100 per row at 10^5 weights)
+            t.zero_()
         cs = self.chunk_steps
         block = _Block(t.numpy(), t, [0] * cs, [0.0] * cs, [0] * cs, [math.nan] * cs)
         for g in self._groups:
