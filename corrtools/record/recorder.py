@@ -3,8 +3,10 @@
 Per recorded step the sampled values of all parameters are gathered with ``index_select`` into one
 row of a preallocated host block (on CUDA: into one float32 device buffer, then one non-blocking
 copy into pinned host memory). Sampled runs of consecutive weights (the default "runs" layout) are
-gathered as rows of a (numel // 16, 16) view: one 64-byte copy per cache line touched. Full blocks of ``chunk_steps`` rows go through a bounded queue to one
-background thread that writes them with `RunWriter.write_block`, so training waits on compression
+gathered as rows of a (numel // 16, 16) view: one 64-byte copy per cache line touched. Full blocks
+of ``chunk_steps`` rows (the first after a resume may be shorter, to end on a chunk boundary) go
+through a bounded queue to one background thread that writes them with `RunWriter.write_block`,
+whole chunks without zarr's machinery (see ``record/_direct.py``), so training waits on compression
 and disk only when the writer falls more than the queue behind. Memory is a fixed ring of blocks,
 independent of run length. Nothing is written per step.
 
