@@ -204,20 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="corrtools-bench-")
     root = Path(tmp.name)
     sample = {mode: _sample(wl.model, t, per_matrix=mlp) for mode, t in targets.items()}
+    common = {"seed": 0, "compressor": args.compressor, "flush_every": None}
     # flush_every=None: in a continuous run at these step times a block fills in 0.5-3 s, far inside
     # the default 30 s flush interval; alternating modes stretches one block over a minute of wall
     # time, which would make flushes (and unaligned writes) that a continuous run never makes
     recorders = {
-        mode: _Timed(wl.model, root / f"{mode}.zarr", sample=sample[mode], seed=0, compressor=args.compressor,
-                     flush_every=None)
-        for mode in targets
+        mode: _Timed(wl.model, root / f"{mode}.zarr", sample=sample[mode], **common) for mode in targets
     }
     if args.uniform:
-        recorders["uniform_1e5"] = _Timed(wl.model, root / "uniform_1e5.zarr", sample=sample["recorder_1e5"], seed=0,
-                                          compressor=args.compressor, layout="uniform", flush_every=None)
+        recorders["uniform_1e5"] = _Timed(wl.model, root / "uniform_1e5.zarr", sample=sample["recorder_1e5"],
+                                          layout="uniform", **common)
     if args.checksum_cost:
-        recorders["nocrc_1e5"] = _NoChecksum(wl.model, root / "nocrc_1e5.zarr", seed=0, compressor=args.compressor,
-                                             sample=sample["recorder_1e5"], flush_every=None)
+        recorders["nocrc_1e5"] = _NoChecksum(wl.model, root / "nocrc_1e5.zarr", sample=sample["recorder_1e5"],
+                                             **common)
     naive = NaiveRecorder(wl.model, root / "naive.zarr", sample["recorder_1e5"])
     weights = {"none": 0, **{m: r.n_weights for m, r in recorders.items()},
                "naive_1e5": naive.array.shape[1]}
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}
     cpu: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}  # process CPU, all threads
 
-    sequence: list[str] = []  # the modes in the order measured, naive's part after the rest
+    sequence: list[tuple[str, float]] = []  # (mode, s per step) in the order measured, naive's part last
 
     def measure(mode: str) -> None:
         rec = recorders.get(mode)
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             os.sync()  # and the page cache's writeback of the naive appends to the naive blocks
         times[mode].append((time.perf_counter() - t0) / block)
         cpu[mode].append((time.process_time() - c0) / block)
-        sequence.append(mode)
+        sequence.append((mode, times[mode][-1]))
 
     slots = modes[1:]
     measure("none")
@@ -268,10 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.cleanup()
 
     # per block: its time over the mean of its neighbouring no-recorder blocks (cancels drift)
-    seconds = {m: iter(v) for m, v in times.items()}
-    seq_s = [next(seconds[m]) for m in sequence]
-    ratio = {m: np.array([seq_s[i] / (seq_s[i - 1] + seq_s[i + 1]) * 2 for i in range(1, n_main, 2)
-                          if sequence[i] == m]) for m in slots}
+    ratio = {m: np.array([t / (sequence[i - 1][1] + sequence[i + 1][1]) * 2
+                          for i, (mode, t) in enumerate(sequence[:n_main]) if mode == m]) for m in slots}
     none_naive = np.array(times["none"][-naive_rounds:])  # naive: paired with its own no-recorder blocks
     ratio["naive_1e5"] = np.array(times["naive_1e5"]) / none_naive
     over = {m: float(v.mean() - 1) for m, v in ratio.items()}

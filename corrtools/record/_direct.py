@@ -18,6 +18,7 @@ so a killed process leaves the old file or the new one, never a torn one. Each c
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import mmap
 import os
@@ -36,6 +37,7 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere every write goes thro
 _BYTES_LE = {"name": "bytes", "configuration": {"endian": "little"}}
 
 
+@functools.cache
 def _crc32c_without_gil() -> Callable[[int, int], int] | None:
     """``crc32c_value(address, size)`` of the crc32c library that google_crc32c's wheel ships,
     called through ctypes, which releases the GIL for the call; None where it is not found.
@@ -57,15 +59,10 @@ def _crc32c_without_gil() -> Callable[[int, int], int] | None:
     return None
 
 
-_CRC32C: list[Any] = []  # [crc32c_value or None], looked up on first use
-
-
 def crc32c_bytes(buf: Any) -> bytes:
     """zarr's crc32c codec trailer of the bytes-like `buf`: 4 bytes, little-endian."""
     data = np.frombuffer(buf, dtype=np.uint8)
-    if not _CRC32C:
-        _CRC32C.append(_crc32c_without_gil())
-    fn = _CRC32C[0]
+    fn = _crc32c_without_gil()
     if fn is not None and data.size:
         return int(fn(data.ctypes.data, data.size)).to_bytes(4, "little")
     import google_crc32c
@@ -262,7 +259,8 @@ class RowChunks:
                     self._buf[:off] = read(c * cs, pos)
                 self._chunk = c
             self._buf[off : off + take] = data[done : done + take]
-            self._buf[off + take :] = self._fill  # rows past the end: fill, as zarr writes them
+            self._buf[off + take :] = self._fill  # rows past the end: fill, as zarr writes them (also
+            # after an append that failed part-way and is written again shorter)
             target = self._folder / self._key((c,))
             self._folders.ensure(target.parent)
             raw = self._buf.tobytes()

@@ -56,7 +56,7 @@ from torch import nn
 
 from corrtools.errors import CorrtoolsError
 from corrtools.record._location import store_path
-from corrtools.record.distributed import barrier, broadcast_error, is_idle, local_tensor, role, unwrap
+from corrtools.record.distributed import _is_dtensor, barrier, broadcast_error, is_idle, local_tensor, role, unwrap
 from corrtools.record.sampling import RUN, ParamFilter, SampleSpec, plan_samples
 from corrtools.record.store import (
     PathLike,
@@ -125,7 +125,7 @@ class _Piece:
     def __init__(self, param: nn.Parameter, idx: torch.Tensor, run: int, start: int, stop: int) -> None:
         self.param, self.idx, self.run, self.start, self.stop = param, idx, run, start, stop
         self._ptr, self._dtype, self._src, self._f32 = -1, None, torch.empty(0), True
-        self._dtensor = local_tensor(param) is not param
+        self._dtensor = _is_dtensor(param)
 
     def source(self) -> torch.Tensor:
         """(numel // run, run) -- or (numel,) for run 1 -- detached view of the (local) parameter."""
