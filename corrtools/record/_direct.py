@@ -43,7 +43,8 @@ def _crc32c_without_gil() -> Callable[[int, int], int] | None:
     called through ctypes, which releases the GIL for the call; None where it is not found.
 
     google_crc32c's own ``value`` keeps the GIL for anything but `bytes` of 1 MB and more, so a
-    2.3 MB chunk (10^5 weights) would hold the training thread off the GIL for ~0.17 ms."""
+    2.3 MB chunk (10^5 weights) would hold the training thread off the GIL for the whole checksum
+    (96 µs measured through ctypes; 2.3 MB at the 13.8 GB/s measured for google_crc32c is ~0.17 ms)."""
     import ctypes
 
     import google_crc32c  # a dependency of zarr's crc32c codec
@@ -162,7 +163,7 @@ class ValuesChunks:
         Each chunk file is written in place, not renamed in: every row of it is at or after `row0`,
         which no reader looks at until `step` grows, so a write cut short by a kill damages only
         rows that were never committed (and `RunWriter.resume` writes them again). That saves a
-        rename per chunk, which on ext4 here costs as much CPU as writing 100 KB."""
+        rename per chunk, ~140 µs of wall each on this VM's ext4 (median of 200)."""
         cs, cw = self._cs, self._cw
         k, n = values.shape
         for r in range(0, k, cs):
@@ -282,7 +283,7 @@ class ShapeFile:
         self._path = folder / "zarr.json"
         doc = json.loads(self._path.read_bytes())
         doc["shape"][0] = self._MARK
-        # json.dumps with indent runs the pure-Python encoder (~0.3 ms): done once, not per block
+        # json.dumps with indent runs the pure-Python encoder (~0.8 ms per call under cProfile): once
         head, mark, tail = json.dumps(doc, indent=2).partition(str(self._MARK))
         if not mark or str(self._MARK) in tail:  # pragma: no cover - the mark is not a real number
             raise RuntimeError(f"cannot template {self._path}")
