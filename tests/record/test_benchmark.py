@@ -39,5 +39,14 @@ def test_recorder_overhead_quick_prints_table(workload):
     assert re.search(rf"overhead {workload} recorder_1e5: -?[\d.]+%", out.stdout)
     assert re.search(r"naive/recorder overhead at 1e5: ([\d.]+|inf)x", out.stdout)
     assert rows["none_check"][0] == 0 and rows["none_check"][3] == "-"
+    for mode in ("recorder_1e4", "recorder_1e5"):  # hook mean + writer CPU per row, and their sum
+        m = re.search(rf"accounted {mode}: hook (\d+) us \(mean; median (\d+)\) \+ writer (\d+) us CPU per row = "
+                      rf"(\d+) us per step = ([\d.]+)% of a no-recorder step \(measured: -?[\d.]+%\)", out.stdout)
+        assert m, mode
+        hook_mean, hook_median, writer, total = (int(m.group(i)) for i in range(1, 5))
+        assert hook_median == int(rows[mode][3]) and writer == int(rows[mode][4])
+        assert hook_mean > 0 and abs(hook_mean + writer - total) <= 1
+        share = total / (rows["none"][1] * 1e3) * 100  # of the printed no-recorder step: rounding only
+        assert share == pytest.approx(float(m.group(5)), rel=0.02, abs=0.01)
     assert re.search(r"resolution: none_check \(no recorder, measured like the others\) [+-][\d.]+% "
                      r"\[[+-][\d.]+, [+-][\d.]+\]", out.stdout)
