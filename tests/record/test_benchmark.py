@@ -48,5 +48,7 @@ def test_recorder_overhead_quick_prints_table(workload):
         assert hook_mean > 0 and abs(hook_mean + writer - total) <= 1
         share = total / (rows["none"][1] * 1e3) * 100  # of the printed no-recorder step: rounding only
         assert share == pytest.approx(float(m.group(5)), rel=0.02, abs=0.01)
+    assert re.search(r"gc \(set-up heap frozen\): (no collections|\d+ collections during the measured blocks, longest "
+                     r"[\d.]+ ms \(generation [012], \w+\); ms per mode: )", out.stdout)
     assert re.search(r"resolution: none_check \(no recorder, measured like the others\) [+-][\d.]+% "
                      r"\[[+-][\d.]+, [+-][\d.]+\]", out.stdout)
