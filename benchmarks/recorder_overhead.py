@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in (("none", "naive_1e5") if r % 2 == 0 else ("naive_1e5", "none")):
             measure(mode)
     pauses.stop()
+    gc.unfreeze()  # main() may be called in a longer-lived process
     for rec in recorders.values():
         rec.close()
     hook = {m: statistics.median(r.hook_s) for m, r in recorders.items()}
