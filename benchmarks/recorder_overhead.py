@@ -123,12 +123,15 @@ class _Timed(Recorder):
 
 
 class _GcPauses:
-    """The garbage collector's pauses during the measured blocks (``gc.callbacks``), per mode."""
+    """From construction to `stop`: the set-up heap frozen (``gc.collect(); gc.freeze()``, see the
+    module docstring) and the garbage collector's pauses logged per mode (``gc.callbacks``)."""
 
     def __init__(self) -> None:
         self.mode = "none"
         self.pauses: list[tuple[str, int, float]] = []  # (mode, generation, seconds)
         self._t0 = 0.0
+        gc.collect()
+        gc.freeze()
         gc.callbacks.append(self._callback)
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
@@ -139,6 +142,7 @@ class _GcPauses:
 
     def stop(self) -> None:
         gc.callbacks.remove(self._callback)
+        gc.unfreeze()  # main() may be called in a longer-lived process
 
     def summary(self) -> str:
         if not self.pauses:
@@ -263,13 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     weights["none_check"] = 0
     for _ in range(3):  # warm-up: allocator, first-call overheads
         wl.train_step()
-    # A full collection of this process's set-up heap (torch, zarr, xarray, the model) pauses it for
-    # 100-160 ms here, whichever block it lands in: one such pause in a 20-step block moves that
-    # block by ~60%, and a mode's mean by ~0.8%. Frozen, the set-up heap is no longer traversed;
-    # what the recorder and training allocate from now on is collected as usual.
-    gc.collect()
-    gc.freeze()
-    pauses = _GcPauses()
+    pauses = _GcPauses()  # freezes the set-up heap: a full collection of it paused a block 100-160 ms
     times: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}
     cpu: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}  # process CPU, all threads
 
@@ -306,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
         for mode in (("none", "naive_1e5") if r % 2 == 0 else ("naive_1e5", "none")):
             measure(mode)
     pauses.stop()
-    gc.unfreeze()  # main() may be called in a longer-lived process
     for rec in recorders.values():
         rec.close()
     hook = {m: statistics.median(r.hook_s) for m, r in recorders.items()}
@@ -347,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     for m in recorders:
         # what the timers attribute to the recorder per step, far less noisy than the step ratio:
         # the hook on the training thread (its mean, as the overhead is a mean) and the writer
-        # thread's CPU, which on a machine busy with training takes its time from training
-        acc = hook_mean[m] + write[m] / recorders[m].every
+        # thread's CPU, which on a machine busy with training takes its time from training; both
+        # are paid once per row, i.e. every `every` steps
+        acc = (hook_mean[m] + write[m]) / recorders[m].every
         print(f"accounted {m}: hook {hook_mean[m] * 1e6:.0f} us (mean; median {hook[m] * 1e6:.0f}) + writer "
               f"{write[m] * 1e6:.0f} us CPU per row = {acc * 1e6:.0f} us per step = {acc / base * 100:.2f}% of a "
               f"no-recorder step (measured: {over[m] * 100:.1f}%)")
