@@ -133,6 +133,50 @@ def test_to_semi_structured_on_cpu_says_what_is_needed():
     assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.layout == torch.strided
 
 
+def _fake_converted(w: torch.Tensor) -> nn.Parameter:
+    """A semi-structured weight built on CPU (torch converts only on CUDA): shape and dtype of ``w``."""
+    packed = torch.zeros(w.numel() // 2 + w.numel() // 8, dtype=w.dtype)
+    t = torch.sparse.SparseSemiStructuredTensorCUSPARSELT(w.shape, packed, None, None, None, None)
+    return nn.Parameter(t, requires_grad=False)
+
+
+def test_converted_layers_are_skipped_and_a_second_conversion_does_nothing():
+    # Seen on an H200: a second to_semi_structured_ (and semi_structured_candidates, is_2to4) on a
+    # converted model raised torch's NotImplementedError about `view`.
+    from corrtools.sparse import kernels
+
+    model = _finalized_model("2:4").half()
+    model[0].weight = _fake_converted(model[0].weight)
+    assert is_2to4(model[0].weight)
+    assert "0" not in semi_structured_candidates(model) and "2" in semi_structured_candidates(model)
+    assert kernels._conversion_targets(model) == semi_structured_candidates(model, torch.float16)  # "2", and "4" under cuSPARSELt
+    model[2].weight = _fake_converted(model[2].weight)
+    model[4].weight = _fake_converted(model[4].weight)
+    assert kernels._conversion_targets(model) == [] and semi_structured_candidates(model) == []
+    to_semi_structured_(model)  # nothing left to convert: no error, even on CPU
+    assert isinstance(model[0].weight, torch.sparse.SparseSemiStructuredTensor)
+    assert model[5].weight.layout == torch.strided
+
+
+def test_cutlass_kernels_are_refused_off_compute_capability_8(monkeypatch):
+    # Seen on an H200 (9.0): with the CUTLASS backend conversion succeeded and the first matmul
+    # failed ("sparse_semi_structured_mad_op : Supported only on GPUs with compute capability 8.x").
+    from corrtools.sparse import kernels
+
+    cutlass = torch.sparse.SparseSemiStructuredTensorCUTLASS
+    cusparselt = torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+    kernels._check_capability(cusparselt, (9, 0), "H200")
+    kernels._check_capability(cusparselt, (8, 0), "A100")
+    kernels._check_capability(cutlass, (8, 6), "A10")
+    with pytest.raises(CorrtoolsError, match=r"8\.0\+.*T4 has 7\.5"):
+        kernels._check_capability(cusparselt, (7, 5), "T4")
+    with pytest.raises(CorrtoolsError, match=r"CUTLASS .* 8\.x and H200 has 9\.0.*no cuSPARSELt"):
+        kernels._check_capability(cutlass, (9, 0), "H200")
+    monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", True)
+    with pytest.raises(CorrtoolsError, match="_FORCE_CUTLASS is set"):
+        kernels._check_capability(cutlass, (9, 0), "H200")
+
+
 def test_docstring_examples_run():
     import doctest
 
