@@ -8,14 +8,16 @@ the last line counts the failures. Sections:
   unsupported shape, a dense head) through ``to_semi_structured_``: which layers convert (against
   ``semi_structured_candidates``), outputs against the dense model for 2D/3D/odd-row/non-contiguous
   inputs, under no_grad and with grad enabled, under fp16 autocast with an fp32 LayerNorm;
-- cutlass: the same with torch's CUTLASS backend forced;
+- cutlass: the same with torch's CUTLASS backend forced (off compute capability 8.x: the error);
 - errors: the error messages (fp32 weights, CPU model, no 2:4 layer) and what a second conversion,
   ``semi_structured_candidates`` on a converted model, state_dict/deepcopy/torch.save and backward do;
 - masks: every mask function on the GPU against the CPU (random, tied, NaN/inf; fp32/fp16/bf16);
 - train: a Sparsifier trained on the GPU, finalized, converted, compared with its dense copy;
-- sweep: dense vs 2:4 times over a few shapes and both backends (CUDA events, medians).
+- sweep: dense vs 2:4 times over a few shapes and both backends (CUDA events, medians);
+- overhead: eager against CUDA-graph replay, host time per call, cuSPARSELt's alg_id search, a
+  profiler table of the 2:4 layer.
 
-    python benchmarks/gpu_check_sparse.py [--skip-sweep]
+    python benchmarks/gpu_check_sparse.py [--sections env,convert,...]
 
 Without CUDA only the masks section runs (CPU against the CPU device path) and the rest is SKIP.
 """
@@ -209,6 +211,10 @@ def section_cutlass() -> None:
     base._FORCE_CUTLASS = True
     try:
         info(f"forced: corrtools backend {kernels._backend().__name__}, multiples fp16 {kernels._shape_multiples(torch.float16)}")
+        if torch.cuda.get_device_capability()[0] != 8:  # torch's CUTLASS 2:4 kernels are sm8x only
+            _expect_error("CUTLASS forced off compute capability 8.x",
+                          lambda: to_semi_structured_(_finalized("2:4").to(DEV, torch.float16)), r"CUTLASS .* 8\.x")
+            return
         for dtype in (torch.float16, torch.bfloat16):
             check(f"cutlass convert 2:4 {dtype}", lambda d=dtype: _convert_case("2:4", d))
     finally:
@@ -241,9 +247,13 @@ def section_errors() -> None:
 
     model = _finalized("2:4").to(DEV, torch.float16)
     to_semi_structured_(model)
-    outcome("to_semi_structured_ a second time", lambda: to_semi_structured_(model))
-    outcome("semi_structured_candidates of a converted model", lambda: semi_structured_candidates(model))
-    outcome("is_2to4 of a converted weight", lambda: is_2to4(model.fc1.weight))
+    def second():
+        before = model.fc1.weight
+        to_semi_structured_(model)
+        assert model.fc1.weight is before and semi_structured_candidates(model) == [] and is_2to4(before)
+        ok("a second to_semi_structured_ does nothing; candidates of a converted model []; is_2to4 True")
+
+    check("second conversion", second)
     outcome("state_dict of a converted model", lambda: sorted((k, type(v).__name__) for k, v in model.state_dict().items())[:3])
     outcome("copy.deepcopy of a converted model", lambda: type(copy.deepcopy(model).fc1.weight).__name__)
     outcome("torch.save of a converted model", lambda: len(_save(model)))
@@ -362,7 +372,7 @@ SWEEP_SHAPES = [(4096, 4096, 4096), (4096, 4096, 16384), (8192, 8192, 8192), (40
 def section_sweep() -> None:
     print("== sweep: dense vs 2:4 (median ms of layer(x), CUDA events)", flush=True)
     base = torch.sparse.SparseSemiStructuredTensor
-    for force_cutlass in (False, True):
+    for force_cutlass in (False, True) if torch.cuda.get_device_capability()[0] == 8 else (False,):
         base._FORCE_CUTLASS = force_cutlass
         backend = kernels._backend().BACKEND
         for dtype in (torch.float16, torch.bfloat16):
@@ -385,19 +395,116 @@ def section_sweep() -> None:
     base._FORCE_CUTLASS = False
 
 
+# ----------------------------------------------------------------------------------------- overhead
+def _graph_ms(fn, x: torch.Tensor) -> float:
+    """Median ms of replaying a CUDA graph of ``fn(x)``: the GPU time without the host's."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(x)
+    return _median_ms(lambda _: g.replay(), x)
+
+
+def _host_us(fn, x: torch.Tensor, n: int = 50) -> float:
+    """Mean host microseconds per call of ``fn(x)`` (launches only, one sync at the end)."""
+    import time
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn(x)
+    host = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return host / n * 1e6
+
+
+def section_overhead() -> None:
+    """Where the 2:4 layer's time goes: eager vs CUDA graph, host time per call, cuSPARSELt's alg_id."""
+    print("== overhead: eager vs CUDA graph, host time, alg_id search, profiler", flush=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        for side, tokens in ((4096, 4096), (8192, 8192)):
+            check(f"overhead {dtype} {side}", lambda d=dtype, side=side, tokens=tokens: _overhead_case(d, side, tokens))
+    check("profile", _profile_case)
+
+
+def _overhead_case(dtype: torch.dtype, side: int, tokens: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(side, side, bias=False, device=DEV, dtype=dtype))
+    Sparsifier(model, None, structure="2:4", include=["0"]).finalize()
+    dense = copy.deepcopy(model)
+    w = model[0].weight.detach().contiguous()
+    to_semi_structured_(model)
+    x = torch.randn(tokens, side, device=DEV, dtype=dtype)
+    tag = f"{str(dtype)[6:]:8s} {side}x{side} x ({tokens}, {side})"
+    with torch.inference_mode():
+        rows = {"dense": dense, "2:4": model}
+        best = None
+        try:
+            sp = model[0].weight
+            search = getattr(torch._C, "_cusparselt", None)
+            best = int(torch._cslt_sparse_mm_search(sp.packed, x.t()))
+        except Exception as e:  # noqa: BLE001
+            info(f"{tag}: alg_id search failed: {type(e).__name__}: {str(e)[:200]} (torch._C._cusparselt {search is not None})")
+        if best is not None:
+            tuned = nn.Sequential(nn.Linear(side, side, bias=False, device=DEV, dtype=dtype))
+            tuned[0].weight = nn.Parameter(
+                torch.sparse.SparseSemiStructuredTensorCUSPARSELT.from_dense(w, alg_id=best), requires_grad=False
+            )
+            rows[f"2:4 alg_id={best}"] = tuned
+        direct = model[0].weight.packed
+        rows["_cslt_sparse_mm direct"] = lambda x: torch._cslt_sparse_mm(direct, x.t()).t()
+        for name, fn in rows.items():
+            eager = _median_ms(fn, x)
+            try:
+                graph = f"{_graph_ms(fn, x):7.3f}"
+            except Exception as e:  # noqa: BLE001
+                graph = f"n/a ({type(e).__name__}: {str(e)[:120]})"
+            info(f"{tag} {name:24s} eager {eager:7.3f} ms  graph {graph} ms  host {_host_us(fn, x):7.1f} us/call")
+
+
+def _profile_case() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4096, 4096, bias=False, device=DEV, dtype=torch.float16))
+    Sparsifier(model, None, structure="2:4", include=["0"]).finalize()
+    to_semi_structured_(model)
+    x = torch.randn(4096, 4096, device=DEV, dtype=torch.float16)
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                model(x)
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    try:
+        print(table.table(sort_by="device_time_total", row_limit=8, max_name_column_width=60))
+    except Exception:  # noqa: BLE001 - older torch names it cuda_time_total
+        print(table.table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
+    print(table.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+SECTIONS = ("env", "convert", "cutlass", "errors", "masks", "train", "sweep", "overhead")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {','.join(SECTIONS)}")
     args = parser.parse_args(argv)
-    section_env()
+    run = set(args.sections.split(","))
+    if "env" in run:
+        section_env()
     if CUDA:
-        section_convert()
-        section_cutlass()
-        section_errors()
-        section_masks(DEV)
-        section_train()
-        if not args.skip_sweep:
-            section_sweep()
+        for name in SECTIONS[1:]:
+            if name in run:
+                {"masks": lambda: section_masks(DEV)}.get(name, globals()[f"section_{name}"])()
     else:
         print("SKIP  convert, cutlass, errors, train, sweep: no CUDA device")
         section_masks("cpu")
