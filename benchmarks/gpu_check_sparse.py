@@ -452,9 +452,9 @@ def _overhead_case(dtype: torch.dtype, side: int, tokens: int) -> None:
             info(f"{tag}: alg_id search failed: {type(e).__name__}: {str(e)[:200]} (torch._C._cusparselt {search is not None})")
         if best is not None:
             tuned = nn.Sequential(nn.Linear(side, side, bias=False, device=DEV, dtype=dtype))
-            tuned[0].weight = nn.Parameter(
-                torch.sparse.SparseSemiStructuredTensorCUSPARSELT.from_dense(w, alg_id=best), requires_grad=False
-            )
+            t = torch.sparse.SparseSemiStructuredTensorCUSPARSELT.from_dense(w)
+            t.alg_id_cusparselt = best  # from_dense takes no alg_id in torch 2.11
+            tuned[0].weight = nn.Parameter(t, requires_grad=False)
             rows[f"2:4 alg_id={best}"] = tuned
         direct = model[0].weight.packed
         rows["_cslt_sparse_mm direct"] = lambda x: torch._cslt_sparse_mm(direct, x.t()).t()
