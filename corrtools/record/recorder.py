@@ -74,7 +74,11 @@ from corrtools.record.store import (
 
 __all__ = ["Recorder"]
 
-_BLOCK_BYTES = 16 << 20  # cap on one host block (chunk_steps x weights x 4 bytes)
+# cap on one host block (chunk_steps x weights x 4 bytes). 32 MiB lets 10^5 weights keep the store's
+# natural 73-row chunks (16 MiB made them 41 rows): per row the writer then creates 44% fewer files,
+# and its CPU per row under training fell 34% (MLP, 161 -> 106 us, paired in one process) for
+# twice the ring's memory (4 x 29 MB)
+_BLOCK_BYTES = 32 << 20
 _MAX_ROW_VIEWS = 4096  # per block: rows x pieces of one-row views kept ready for the hook (~0.6 KB each)
 FLUSH_EVERY = 30.0  # seconds: the default bound on how long a taken row may stay in memory only
 
@@ -221,7 +225,7 @@ class Recorder:
     k-th step. ``resume=True`` continues an existing store after its last step (``start_step``
     overrides the step counter, e.g. when restarting from a later checkpoint); ``overwrite=True``
     replaces it. ``chunk_steps`` sets the rows per written block (default: ~4 MiB chunks, blocks of
-    at most 16 MiB). ``compressor``: "auto" (lz4 when the recorded parameters are on an
+    at most 32 MiB; ``queue_blocks + 2`` blocks are kept). ``compressor``: "auto" (lz4 when the recorded parameters are on an
     accelerator, none when on the CPU, where a codec would compete with training for cores),
     "lz4", "zstd" or "none"; a crc32c checksum is always added. ``flush_every``: seconds after
     which rows are written even if their block is not full (default 30; None: only full blocks),
