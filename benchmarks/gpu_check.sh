@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu_check.sh
 # Logs go to $OUT (or /tmp/gpu_check_out): env.txt, pytest.txt, bench.txt, checks.txt.
 # CHECK_SECTIONS=env,convert,... limits benchmarks/gpu_check_sparse.py to those sections.
+# GPU_CHECK_TESTS="tests/record/test_recorder_cuda.py ..." replaces the pytest selection;
+# GPU_CHECK_ONLY=tests stops after pytest (no benchmarks).
 # Without .whl the tests that need zarr (tests/sparse/test_autoz.py, tests/record) are left out.
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -61,12 +63,14 @@ EOF
 
 echo "== pytest" | tee "$OUT/pytest.txt"
 if [ "$NEED_ZARR" = 1 ]; then
-    TESTS=(tests/sparse tests/record/test_recorder.py)
+    TESTS=(tests/sparse tests/record/test_recorder.py tests/record/test_recorder_cuda.py)
 else
     TESTS=(tests/sparse --ignore=tests/sparse/test_autoz.py)
 fi
+if [ -n "${GPU_CHECK_TESTS:-}" ]; then read -r -a TESTS <<< "$GPU_CHECK_TESTS"; fi
 timeout 240 python3 -m pytest -q -p no:cacheprovider -rs --durations=10 "${TESTS[@]}" 2>&1 | tee -a "$OUT/pytest.txt"
 echo "pytest exit ${PIPESTATUS[0]}" | tee -a "$OUT/pytest.txt"
+[ "${GPU_CHECK_ONLY:-}" = tests ] && exit 0
 
 echo "== benchmarks/semi_structured.py" | tee "$OUT/bench.txt"
 for args in "" "--dtype bfloat16"; do
