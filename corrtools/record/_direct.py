@@ -95,6 +95,13 @@ def write_file(target: Path, *parts: Any) -> None:
     os.replace(tmp, target)
 
 
+def _whole_aligned(chunk: np.ndarray, shape: tuple[int, int]) -> bool:
+    """Whether `chunk` is a whole chunk of `shape`, C-contiguous, starting on a page: then its
+    memory is the chunk's raw bytes and can be written as it is, O_DIRECT included."""
+    return (chunk.shape == shape and chunk.dtype == np.dtype("<f4") and chunk.flags.c_contiguous
+            and chunk.ctypes.data % _PAGE == 0)
+
+
 def _codec_names(array: zarr.Array) -> tuple[list[dict[str, Any]], bool] | None:
     """The codecs between ``bytes`` (little-endian) and an optional final ``crc32c``, and whether
     that checksum is there; None unless the array starts with little-endian ``bytes``."""
@@ -170,6 +177,11 @@ class ValuesChunks:
             rows = values[r : r + cs]
             for c in range(0, n, cw):
                 chunk = rows[:, c : c + cw]
+                if self._codec is None and _whole_aligned(chunk, (cs, cw)):
+                    # the chunk is already its own bytes in page-aligned memory (one chunk column,
+                    # e.g. <= 16384 weights, and the Recorder's page-aligned blocks): no staging copy
+                    self._write_chunk((row0 + r) // cs, c // cw, memoryview(chunk).cast("B"))
+                    continue
                 staged = self._staged  # the chunk, C order, in page-aligned memory
                 if chunk.shape != (cs, cw):
                     staged.fill(np.nan)
@@ -181,11 +193,14 @@ class ValuesChunks:
                     encoded = self._codec.encode(staged)
                     size = len(encoded)
                     view[:size] = encoded
-                data = view[:size]
-                tail = crc32c_bytes(data) if self._checksum else b""
-                target = self._folder / self._array.metadata.encode_chunk_key(((row0 + r) // cs, c // cw))
-                self._folders.ensure(target.parent)
-                self._write_direct(target, data, tail)
+                self._write_chunk((row0 + r) // cs, c // cw, view[:size])
+
+    def _write_chunk(self, i: int, j: int, data: memoryview) -> None:
+        """Write chunk (i, j) of `values`: its encoded bytes `data` (page-aligned) and the checksum."""
+        tail = crc32c_bytes(data) if self._checksum else b""
+        target = self._folder / self._array.metadata.encode_chunk_key((i, j))
+        self._folders.ensure(target.parent)
+        self._write_direct(target, data, tail)
 
     def _write_direct(self, path: Path, data: memoryview, tail: bytes) -> None:
         """Make `path` hold `data` (page-aligned memory) then `tail`. The whole pages of `data`

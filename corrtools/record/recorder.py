@@ -41,6 +41,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import mmap
 import os
 import queue
 import threading
@@ -581,8 +582,14 @@ class Recorder:
 
     # ------------------------------------------------------------------ block handling
     def _new_block(self, pin: bool) -> _Block:
-        t = torch.empty((self.chunk_steps, self.n_weights), dtype=torch.float32, pin_memory=pin)
-        if not pin:
+        if pin:
+            t = torch.empty((self.chunk_steps, self.n_weights), dtype=torch.float32, pin_memory=True)
+        else:
+            # page-aligned (anonymous mmap): a block one chunk wide (<= 16384 weights) is then
+            # written from its own memory, with no staging copy (record/_direct.py)
+            size = self.chunk_steps * self.n_weights
+            memory = mmap.mmap(-1, max(4 * size, mmap.PAGESIZE))
+            t = torch.from_numpy(np.frombuffer(memory, dtype=np.float32, count=size).reshape(self.chunk_steps, self.n_weights))
             # touch every page now: otherwise the hook pays the page faults of each block on its
             # first pass through the ring (~100 per row at 10^5 weights)
             t.zero_()

@@ -411,6 +411,40 @@ def test_direct_chunk_writes_match_zarr_byte_for_byte(tmp_path, monkeypatch, com
         assert (direct_opens == 9) if compressor == "none" else (1 <= direct_opens <= 9), direct_opens
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("checksum", [True, False])
+def test_a_whole_page_aligned_chunk_is_written_from_its_own_memory(tmp_path, aligned, checksum):
+    """A block one chunk wide (the Recorder's blocks are page-aligned mmap memory) is written without
+    the staging copy; the bytes are zarr's either way, and an unaligned block still goes through
+    staging (issue 9: the copy was a 4 MB memcpy per block at 10^4 weights)."""
+    import mmap
+
+    n, cs = 3072, 8  # 96 KiB per chunk: whole pages, so the second chunk starts on a page too
+    rng = np.random.default_rng(7)
+    data = rng.normal(size=(2 * cs, n)).astype(np.float32)
+    data[3, 4] = np.nan
+    if aligned:
+        memory = mmap.mmap(-1, data.nbytes)
+        block = np.frombuffer(memory, dtype=np.float32).reshape(data.shape)
+        block[:] = data
+    else:
+        block = np.empty(data.size + 1, dtype=np.float32)[1:].reshape(data.shape)  # 4 bytes off a page
+        block[:] = data
+    w = RunWriter.create(tmp_path / "a.zarr", param=["p"] * n, index=np.arange(n), initial=np.zeros(n),
+                         chunk_steps=cs, compressor="none", checksum=checksum)
+    assert w._direct is not None and w._direct._cw == n
+    w._direct._staged.fill(123.0)  # the staging buffer, poisoned: untouched unless staging is used
+    w.write_block(np.arange(2 * cs), block)
+    assert bool((w._direct._staged == 123.0).all()) is aligned
+    w.close(np.zeros(n), 2 * cs)
+    np.testing.assert_array_equal(open_run(tmp_path / "a.zarr")["values"].values, data)
+    twin = zarr.create_array(str(tmp_path / "twin"), shape=data.shape, chunks=(cs, n), dtype="float32",
+                             fill_value=np.nan, compressors=store_mod._codecs("none", checksum))
+    twin[:] = data
+    for key in ("c/0/0", "c/1/0"):
+        assert (tmp_path / "a.zarr" / "values" / key).read_bytes() == (tmp_path / "twin" / key).read_bytes(), key
+
+
 @pytest.mark.parametrize("path", ["ctypes, without the GIL", "google_crc32c.value"])
 def test_chunk_checksum_is_zarrs_crc32c(monkeypatch, path):
     """The trailer of a directly written chunk is zarr's crc32c codec's, whichever way it is computed."""
