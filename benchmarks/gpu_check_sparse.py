@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import statistics
 import traceback
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import semi_structured  # beside this script: one timing method for both
 import corrtools.sparse.masks as masks
 from corrtools.errors import CorrtoolsError
 from corrtools.sparse import Reset, Sparsifier, is_2to4, kernels, semi_structured_candidates, to_semi_structured_
@@ -354,15 +354,8 @@ def _train_case(structure: str) -> None:
 
 # -------------------------------------------------------------------------------------------- sweep
 def _median_ms(fn, x: torch.Tensor, iters: int = 50, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn(x)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(x); e.record(); torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    """Median ms of ``fn(x)`` (CUDA events), timed as benchmarks/semi_structured.py times it."""
+    return semi_structured._median_ms(fn, x, iters, warmup)
 
 
 # (out features, in features, tokens)
@@ -398,16 +391,7 @@ def section_sweep() -> None:
 # ----------------------------------------------------------------------------------------- overhead
 def _graph_ms(fn, x: torch.Tensor) -> float:
     """Median ms of replaying a CUDA graph of ``fn(x)``: the GPU time without the host's."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn(x)
-    return _median_ms(lambda _: g.replay(), x)
+    return semi_structured._graph_median_ms(fn, x, 50, 10)
 
 
 def _host_us(fn, x: torch.Tensor, n: int = 50) -> float:

@@ -1,6 +1,6 @@
 """The Recorder on a CUDA GPU: the device staging buffer, pinned host blocks, the non-blocking copy
 and the CUDA event the writer waits on. Skipped without CUDA (CI has none); run on a GPU machine
-with ``benchmarks/gpu_check.sh`` (its ``recorder`` section)."""
+with ``GPU_CHECK_ONLY=tests bash benchmarks/gpu_check.sh``."""
 from __future__ import annotations
 
 import json
