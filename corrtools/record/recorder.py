@@ -226,8 +226,9 @@ class Recorder:
     k-th step. ``resume=True`` continues an existing store after its last step (``start_step``
     overrides the step counter, e.g. when restarting from a later checkpoint); ``overwrite=True``
     replaces it. ``chunk_steps`` sets the rows per written block (default: ~4 MiB chunks, blocks of
-    at most 32 MiB; ``queue_blocks + 2`` blocks are kept). ``compressor``: "auto" (lz4 when the recorded parameters are on an
-    accelerator, none when on the CPU, where a codec would compete with training for cores),
+    at most 32 MiB; ``queue_blocks + 2`` blocks are kept). ``compressor``: "auto" (lz4 when the
+    recorded parameters are on an accelerator, none when on the CPU, where a codec would compete
+    with training for cores),
     "lz4", "zstd" or "none"; a crc32c checksum is always added. ``flush_every``: seconds after
     which rows are written even if their block is not full (default 30; None: only full blocks),
     bounding what a killed run loses. Every argument is checked before anything is written. Use
