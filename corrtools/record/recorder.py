@@ -590,7 +590,8 @@ class Recorder:
             # written from its own memory, with no staging copy (record/_direct.py)
             size = self.chunk_steps * self.n_weights
             memory = mmap.mmap(-1, max(4 * size, mmap.PAGESIZE))
-            t = torch.from_numpy(np.frombuffer(memory, dtype=np.float32, count=size).reshape(self.chunk_steps, self.n_weights))
+            values = np.frombuffer(memory, dtype=np.float32, count=size)
+            t = torch.from_numpy(values.reshape(self.chunk_steps, self.n_weights))
             # touch every page now: otherwise the hook pays the page faults of each block on its
             # first pass through the ring (~100 per row at 10^5 weights)
             t.zero_()

@@ -333,26 +333,21 @@ def test_memory_is_a_fixed_ring_of_blocks(tmp_path):
     assert len(seen) <= 3
 
 
-@pytest.mark.parametrize("n_weights", [10_000, 100_000, 1_000_000])
-def test_default_blocks_keep_the_natural_chunks_up_to_32_mib(tmp_path, n_weights):
-    """A host block is one chunk tall: the store's ~4 MiB chunk height (default_chunks) unless
-    that would make a block over 32 MiB; at 10^5 weights that is the natural 73 rows (issue 9: a
-    16 MiB cap made them 41 rows and the writer create 78% more files per row)."""
-    from corrtools.record.store import default_chunks
-
+@pytest.mark.parametrize("n_weights, rows", [(10_000, 104), (100_000, 73), (1_000_000, 8)])
+def test_default_blocks_keep_the_natural_chunks_up_to_32_mib(tmp_path, n_weights, rows):
+    """A host block is one chunk tall: the store's ~4 MiB chunk height (104 rows at 10^4 weights,
+    73 at 10^5) unless that would make a block over 32 MiB (10^6 weights: 65 natural rows, capped
+    at the minimum of 8). Issue 9: a 16 MiB cap made 10^5 weights 41 rows and the writer create 78%
+    more files per row."""
     model = nn.Module()
     model.w = nn.Parameter(torch.zeros(n_weights // 16, 16))
     rec = Recorder(model, tmp_path / "b.zarr", sample=n_weights, flush_every=None)
     try:
-        natural, _ = default_chunks(n_weights)
-        block_bytes = rec.chunk_steps * n_weights * 4
-        assert rec.chunk_steps == (natural if natural * n_weights * 4 <= 32 << 20 else max(8, (32 << 20) // (4 * n_weights)))
-        assert block_bytes <= 32 << 20
-        if n_weights == 100_000:
-            assert rec.chunk_steps == natural == 73
+        assert rec.chunk_steps == rows
+        assert rec.chunk_steps * n_weights * 4 <= 32 << 20
     finally:
         rec.close()
-    assert open_run(tmp_path / "b.zarr")["values"].encoding["chunks"][0] == rec.chunk_steps
+    assert open_run(tmp_path / "b.zarr")["values"].encoding["chunks"][0] == rows
 
 
 def test_zarr_low_level_reads_the_recorded_store(tmp_path):
