@@ -80,31 +80,38 @@ __all__ = ["Recorder"]
 # and its CPU per row under training fell 34% (MLP, 161 -> 106 us, paired in one process) for
 # twice the ring's memory (4 x 29 MB)
 _BLOCK_BYTES = 32 << 20
+# a default block is as many whole chunks tall as fit in 16 MiB (at most 4096 rows, and rows x
+# pieces within _MAX_ROW_VIEWS): the writer's fixed cost per block -- five small files (the `step`
+# and `lr` chunks, three metadata resizes), ~1.3 ms of CPU under training -- is then shared by more
+# rows (10^4 weights: 4 chunks of 104 rows)
+_BLOCK_TARGET = 16 << 20
+_MAX_BLOCK_ROWS = 4096
 _MAX_ROW_VIEWS = 4096  # per block: rows x pieces of one-row views kept ready for the hook (~0.6 KB each)
 FLUSH_EVERY = 30.0  # seconds: the default bound on how long a taken row may stay in memory only
 
 
 @dataclasses.dataclass(eq=False)
 class _Block:
-    """chunk_steps rows on the host, filled by the training thread, written by the writer thread."""
+    """block_steps rows on the host (whole chunks), filled by the training thread, written by the
+    writer thread."""
 
-    values: np.ndarray          # (chunk_steps, N) float32, pinned on CUDA
+    values: np.ndarray          # (block_steps, N) float32, pinned on CUDA
     tensor: torch.Tensor        # the same memory as a tensor
     # per row, Python lists: a list item costs the hook far less than a NumPy scalar write right
     # after an optimizer step (cold caches)
-    steps: list[int]            # (chunk_steps,) optimizer step of each row
-    loss_sum: list[float]       # (chunk_steps,) sum of the losses logged for the row
-    loss_n: list[int]           # (chunk_steps,) how many
-    lr: list[float]             # (chunk_steps,) NaN where none
+    steps: list[int]            # (block_steps,) optimizer step of each row
+    loss_sum: list[float]       # (block_steps,) sum of the losses logged for the row
+    loss_n: list[int]           # (block_steps,) how many
+    lr: list[float]             # (block_steps,) NaN where none
     k: int = 0                  # rows filled
-    cap: int = 0                # rows this block takes before it is handed over (chunk_steps, or
+    cap: int = 0                # rows this block takes before it is handed over (block_steps, or
                                 # fewer once after a resume, to end on a chunk boundary)
     flushed: int = 0            # rows [0, flushed) already handed to the writer
     event: Any = None           # CUDA event after the last copy into this block
-    z: np.ndarray | None = None # (chunk_steps,) RESET interval per row, once one was logged (log_z)
+    z: np.ndarray | None = None # (block_steps,) RESET interval per row, once one was logged (log_z)
     dst: list[list[Any]] = dataclasses.field(default_factory=list)
     # per device group: for a CPU group, per row, per piece, the (k,) or (k // run, run) view of
-    # the piece's columns in that row (dst[g][i][e]); for a staged group its one (chunk_steps,
+    # the piece's columns in that row (dst[g][i][e]); for a staged group its one (block_steps,
     # stop - start) view of the group's columns. Built once per block (see Recorder._new_block)
 
     def reset(self) -> None:
@@ -314,6 +321,7 @@ class Recorder:
         self._groups = self._device_groups()
         names, index = self.plan.columns()
         self.n_weights = len(index)
+        self._one_chunk_blocks = chunk_steps is not None  # else blocks of several chunks (_block_steps)
         if resume:
             self.step = self._check_resumable(names, index, start_step)
             self._writer = RunWriter.resume(self.path)
@@ -360,6 +368,7 @@ class Recorder:
         """Buffers, queue and writer thread, once the store is open."""
         queue_blocks = self._queue_blocks
         self.chunk_steps = self._writer.chunk_steps
+        self.block_steps = self._block_steps()
         self._last_row_step = self._writer.last_step
         self._next_row = self._writer.n_steps  # store row of the next row taken
         self._pending_sum, self._pending_n = 0.0, 0
@@ -557,7 +566,7 @@ class Recorder:
             self._current_prev = self._last_row_step  # step of the row before this block
             # blocks end on chunk boundaries (after a resume the first one may be shorter), so
             # that the writer writes whole chunks
-            cur.cap = self.chunk_steps - self._next_row % self.chunk_steps
+            cur.cap = self.block_steps - self._next_row % self.chunk_steps
         i = cur.k
         for g, dst in zip(self._groups, cur.dst):
             if g.staging is None:  # CPU: straight into the host row
@@ -584,22 +593,22 @@ class Recorder:
     # ------------------------------------------------------------------ block handling
     def _new_block(self, pin: bool) -> _Block:
         if pin:
-            t = torch.empty((self.chunk_steps, self.n_weights), dtype=torch.float32, pin_memory=True)
+            t = torch.empty((self.block_steps, self.n_weights), dtype=torch.float32, pin_memory=True)
         else:
             # page-aligned (anonymous mmap): a block one chunk wide (<= 16384 weights) is then
             # written from its own memory, with no staging copy (record/_direct.py)
-            size = self.chunk_steps * self.n_weights
+            size = self.block_steps * self.n_weights
             memory = mmap.mmap(-1, max(4 * size, mmap.PAGESIZE))
             values = np.frombuffer(memory, dtype=np.float32, count=size)
-            t = torch.from_numpy(values.reshape(self.chunk_steps, self.n_weights))
+            t = torch.from_numpy(values.reshape(self.block_steps, self.n_weights))
             # touch every page now: otherwise the hook pays the page faults of each block on its
             # first pass through the ring (~100 per row at 10^5 weights)
             t.zero_()
-        cs = self.chunk_steps
+        cs = self.block_steps
         block = _Block(t.numpy(), t, [0] * cs, [0.0] * cs, [0] * cs, [math.nan] * cs)
         for g in self._groups:
             if g.staging is None:
-                cols = [e.columns(t) for e in g.entries]  # (chunk_steps, ...) per piece
+                cols = [e.columns(t) for e in g.entries]  # (block_steps, ...) per piece
                 rows = _RowViews(cols)
                 # every row's views made now (~0.6 KB each), unless that would be many
                 block.dst.append([rows[i] for i in range(cs)] if cs * len(cols) <= _MAX_ROW_VIEWS else rows)
@@ -607,6 +616,19 @@ class Recorder:
                 block.dst.append([t[:, g.start : g.stop]])
         block.reset()
         return block
+
+    def _block_steps(self) -> int:
+        """Rows of a host block: whole chunks, as many as fit in `_BLOCK_TARGET` bytes (at most
+        `_MAX_BLOCK_ROWS` rows, and rows x pieces within `_MAX_ROW_VIEWS` where one chunk is, so
+        that the hook keeps its ready-made row views), or one chunk when ``chunk_steps`` was given."""
+        cs = self.chunk_steps
+        if self._one_chunk_blocks:
+            return cs
+        fits = min(_BLOCK_TARGET // (4 * cs * max(self.n_weights, 1)), _MAX_BLOCK_ROWS // cs)
+        views = cs * sum(len(g.entries) for g in self._groups if g.staging is None)  # per chunk of rows
+        if 0 < views <= _MAX_ROW_VIEWS:  # (more: the views are made per row anyway)
+            fits = min(fits, _MAX_ROW_VIEWS // views)
+        return cs * max(1, fits)
 
     def _get_free(self) -> _Block:
         while True:

@@ -691,10 +691,13 @@ class RunWriter:
             optional[name] = self._check_optional(name, data, k)
         n0, n1 = self.n_steps, self.n_steps + k
         # 1. chunks of every step-indexed array, then `step`'s own chunks, metadata untouched
-        if self._direct is not None and n0 % self.chunk_steps == 0:
-            self._direct.write_rows(n0, values)
-        else:
-            _grown(self._values, n1)[n0:n1] = values
+        # rows before the first chunk boundary (after a resume or a flush) through zarr, which
+        # reads and rewrites their chunk; the rest, from a chunk boundary on, as whole chunks
+        head = k if self._direct is None else min(k, -n0 % self.chunk_steps)
+        if head:
+            _grown(self._values, n0 + head)[n0 : n0 + head] = values[:head]
+        if head < k:
+            self._direct.write_rows(n0 + head, values[head:])
         for name, arr in self._extra.items():
             data = optional.get(name)
             if data is None:

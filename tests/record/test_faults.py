@@ -315,14 +315,21 @@ class _Clock:
         return self.now
 
 
-def test_flush_every_writes_partial_chunks_and_keeps_every_value(tmp_path, monkeypatch):
+@pytest.mark.parametrize("blocks", ["one chunk of 16 rows", "four chunks of 4 rows"])
+def test_flush_every_writes_partial_chunks_and_keeps_every_value(tmp_path, monkeypatch, blocks):
     import corrtools.record.recorder as rec_mod
 
     clock = _Clock()
     monkeypatch.setattr(rec_mod, "time", clock)
+    kw: dict = {"chunk_steps": 16}
+    if blocks == "four chunks of 4 rows":  # flushed rows then end mid-chunk inside a block
+        monkeypatch.setattr(rec_mod, "default_chunks", lambda n: (4, n))
+        monkeypatch.setattr(rec_mod, "_MAX_BLOCK_ROWS", 16)
+        kw = {}
     model = _model()
     p = tmp_path / "f.zarr"
-    rec = Recorder(model, p, sample=20, chunk_steps=16, flush_every=1.0)
+    rec = Recorder(model, p, sample=20, flush_every=1.0, **kw)
+    assert rec.block_steps == 16
     expect = []
     for step in range(1, 41):
         with torch.no_grad():

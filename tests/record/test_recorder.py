@@ -77,16 +77,23 @@ def test_docstring_example_runs():
     assert result.attempted >= 6
 
 
+@pytest.mark.parametrize("blocks", ["one chunk", "three chunks"])
 @pytest.mark.parametrize("row_views", ["kept", "made per row"])
 @pytest.mark.parametrize("layout", ["runs", "uniform"])
-def test_values_equal_an_independent_copy_of_the_weights(tmp_path, monkeypatch, layout, row_views):
+def test_values_equal_an_independent_copy_of_the_weights(tmp_path, monkeypatch, layout, row_views, blocks):
     if row_views == "made per row":  # the fallback for blocks with many rows x pieces
         monkeypatch.setattr(recorder_mod, "_MAX_ROW_VIEWS", 0)
+    kw: dict = {"chunk_steps": 3}
+    if blocks == "three chunks":  # the default chunking, made small: blocks of 3 chunks of 3 rows
+        monkeypatch.setattr(recorder_mod, "default_chunks", lambda n: (3, n))
+        monkeypatch.setattr(recorder_mod, "_MAX_BLOCK_ROWS", 9)
+        kw = {}
     torch.manual_seed(0)
     model = _Net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
-    with Recorder(model, tmp_path / "r.zarr", sample=20, every=2, chunk_steps=3, layout=layout).attach(opt) as rec:
+    with Recorder(model, tmp_path / "r.zarr", sample=20, every=2, layout=layout, **kw).attach(opt) as rec:
+        assert (rec.chunk_steps, rec.block_steps) == ((3, 9) if blocks == "three chunks" else (3, 3))
         copies, losses = _train(model, opt, 17, rec, sched)
     ds = open_run(tmp_path / "r.zarr")
     np.testing.assert_array_equal(ds["step"].values, np.arange(2, 18, 2))
@@ -227,19 +234,22 @@ def test_resume_continues_without_duplicates(tmp_path, monkeypatch):
     starts = []  # store row of each block written after the resume
     real_write = RunWriter.write_block
     monkeypatch.setattr(RunWriter, "write_block", lambda w, *a, **k: starts.append(w.n_steps) or real_write(w, *a, **k))
+    monkeypatch.setattr(recorder_mod, "_MAX_BLOCK_ROWS", 8)  # default blocks: 2 chunks of the store's 4 rows
     with Recorder(model, p, sample=10, resume=True).attach(opt) as rec:
-        assert rec.step == 6
-        more, _ = _train(model, opt, 5, rec, seed=1)
+        assert rec.step == 6 and (rec.chunk_steps, rec.block_steps) == (4, 8)
+        more, _ = _train(model, opt, 11, rec, seed=1)
     monkeypatch.undo()
-    assert starts == [6, 8]  # a short first block, so that later ones start on chunk boundaries (4 rows)
+    # a short first block (rows 6-11: 2 through zarr, then one whole chunk), so that later ones
+    # start on chunk boundaries
+    assert starts == [6, 12]
     ds = open_run(p)
-    np.testing.assert_array_equal(ds["step"].values, np.arange(1, 12))
+    np.testing.assert_array_equal(ds["step"].values, np.arange(1, 18))
     for r, s in enumerate(ds["step"].values):
         copy = copies[s] if s <= 6 else more[s - 6]
         np.testing.assert_array_equal(ds["values"].values[r], _expected_row(ds, copy))
     np.testing.assert_array_equal(ds["initial"].values, _expected_row(ds, copies[0]))
-    np.testing.assert_array_equal(ds["final"].values, _expected_row(ds, more[5]))
-    assert ds.attrs["resumed"] == [6] and ds.attrs["total_steps"] == 11
+    np.testing.assert_array_equal(ds["final"].values, _expected_row(ds, more[11]))
+    assert ds.attrs["resumed"] == [6] and ds.attrs["total_steps"] == 17
 
 
 _KILLED = textwrap.dedent(
@@ -333,21 +343,40 @@ def test_memory_is_a_fixed_ring_of_blocks(tmp_path):
     assert len(seen) <= 3
 
 
-@pytest.mark.parametrize("n_weights, rows", [(10_000, 104), (100_000, 73), (1_000_000, 8)])
-def test_default_blocks_keep_the_natural_chunks_up_to_32_mib(tmp_path, n_weights, rows):
-    """A host block is one chunk tall: the store's ~4 MiB chunk height (104 rows at 10^4 weights,
-    73 at 10^5) unless that would make a block over 32 MiB (10^6 weights: 65 natural rows, capped
-    at the minimum of 8). Issue 9: a 16 MiB cap made 10^5 weights 41 rows and the writer create 78%
-    more files per row."""
+@pytest.mark.parametrize("n_weights, rows, block_rows", [(1_000, 1024, 4096), (10_000, 104, 416),
+                                                       (100_000, 73, 73), (1_000_000, 8, 8)])
+def test_default_blocks_keep_the_natural_chunks_up_to_32_mib(tmp_path, n_weights, rows, block_rows):
+    """Chunks keep the store's ~4 MiB height (1024 rows at 10^3 weights, 104 at 10^4, 73 at 10^5)
+    unless one chunk of host block would be over 32 MiB (10^6 weights: 65 natural rows, capped at
+    the minimum of 8); a host block is as many whole chunks as fit in 16 MiB, at most 4096 rows
+    (10^4 weights: 4 chunks). Issue 9: a 16 MiB cap on chunks made 10^5 weights 41 rows and the
+    writer create 78% more files per row; one-chunk blocks at 10^4 cost the writer 25 µs of CPU
+    per row under training, four-chunk blocks 15."""
     model = nn.Module()
     model.w = nn.Parameter(torch.zeros(n_weights // 16, 16))
     rec = Recorder(model, tmp_path / "b.zarr", sample=n_weights, flush_every=None)
     try:
-        assert rec.chunk_steps == rows
+        assert (rec.chunk_steps, rec.block_steps) == (rows, block_rows)
         assert rec.chunk_steps * n_weights * 4 <= 32 << 20
     finally:
         rec.close()
     assert open_run(tmp_path / "b.zarr")["values"].encoding["chunks"][0] == rows
+
+
+def test_blocks_are_one_chunk_for_a_given_chunk_steps_or_many_pieces(tmp_path):
+    """An explicit ``chunk_steps`` is the block height (as documented); with the default, a block
+    stays one chunk when more chunks would need more than 4096 ready-made row views (rows x
+    pieces): 40 parameters of 256 sampled weights each (chunks of 102 rows) keep blocks of 102 rows."""
+    one = nn.Module()
+    one.w = nn.Parameter(torch.zeros(625, 16))
+    with Recorder(one, tmp_path / "a.zarr", sample=10_000, chunk_steps=104) as rec:
+        assert (rec.chunk_steps, rec.block_steps) == (104, 104)
+    many = nn.Module()
+    for i in range(40):
+        many.register_parameter(f"w{i}", nn.Parameter(torch.zeros(32, 16)))
+    with Recorder(many, tmp_path / "b.zarr", sample=256) as rec:
+        assert rec.n_weights == 10_240 and len(rec._groups[0].entries) == 40
+        assert (rec.chunk_steps, rec.block_steps) == (102, 102)
 
 
 def test_zarr_low_level_reads_the_recorded_store(tmp_path):
