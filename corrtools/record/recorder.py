@@ -205,6 +205,15 @@ def _pieces(index: np.ndarray, numel: int) -> list[tuple[np.ndarray, int, int, i
     return [(index, 1, 0, k)]
 
 
+def _page_rows(rows: int, n_weights: int) -> int:
+    """`rows` moved to the nearest number of rows of `n_weights` float32 that fills whole pages, if
+    that is at most 2x away: every chunk of a block one chunk wide then starts on a page and is
+    written from the block's own memory (else each chunk after a block's first is staged)."""
+    step = mmap.PAGESIZE // math.gcd(mmap.PAGESIZE, 4 * n_weights)
+    aligned = max(step, round(rows / step) * step)
+    return aligned if rows / 2 <= aligned <= 2 * rows else rows
+
+
 def _lower_priority(nice: int = 10) -> None:
     """Lower the calling thread's CPU priority (Linux: nice is per thread), so that compression and
     writing use the time training leaves idle and yield to it under contention. No-op elsewhere."""
@@ -330,8 +339,10 @@ class Recorder:
                 raise CorrtoolsError("start_step is only used with resume=True; leave it out")
             self.step = 0
             if chunk_steps is None:
-                cs_default, _ = default_chunks(self.n_weights)
+                cs_default, cw_default = default_chunks(self.n_weights)
                 chunk_steps = min(cs_default, max(8, _BLOCK_BYTES // (4 * self.n_weights)))
+                if cw_default >= self.n_weights:
+                    chunk_steps = _page_rows(chunk_steps, self.n_weights)
             attrs = {
                 "every": every,
                 "sample": sample.item() if isinstance(sample, np.generic) else sample,

@@ -343,15 +343,16 @@ def test_memory_is_a_fixed_ring_of_blocks(tmp_path):
     assert len(seen) <= 3
 
 
-@pytest.mark.parametrize("n_weights, rows, block_rows", [(1_000, 1024, 4096), (10_000, 104, 416),
+@pytest.mark.parametrize("n_weights, rows, block_rows", [(1_000, 1024, 4096), (10_000, 128, 384),
                                                        (100_000, 73, 73), (1_000_000, 8, 8)])
 def test_default_blocks_keep_the_natural_chunks_up_to_32_mib(tmp_path, n_weights, rows, block_rows):
-    """Chunks keep the store's ~4 MiB height (1024 rows at 10^3 weights, 104 at 10^4, 73 at 10^5)
-    unless one chunk of host block would be over 32 MiB (10^6 weights: 65 natural rows, capped at
-    the minimum of 8); a host block is as many whole chunks as fit in 16 MiB, at most 4096 rows
-    (10^4 weights: 4 chunks). Issue 9: a 16 MiB cap on chunks made 10^5 weights 41 rows and the
-    writer create 78% more files per row; one-chunk blocks at 10^4 cost the writer 25 µs of CPU
-    per row under training, four-chunk blocks 15."""
+    """Chunks keep the store's ~4 MiB height (1024 rows at 10^3 weights, 73 at 10^5) unless one
+    chunk of host block would be over 32 MiB (10^6 weights: 65 natural rows, capped at the minimum
+    of 8); one chunk wide, their height fills whole pages if that is within 2x (10^4 weights: 104
+    -> 128 rows); a host block is as many whole chunks as fit in 16 MiB, at most 4096 rows (10^4
+    weights: 3 chunks). Issue 9: a 16 MiB cap on chunks made 10^5 weights 41 rows and the writer
+    create 78% more files per row; one-chunk blocks at 10^4 cost the writer 25 µs of CPU per row
+    under training, four-chunk blocks 15."""
     model = nn.Module()
     model.w = nn.Parameter(torch.zeros(n_weights // 16, 16))
     rec = Recorder(model, tmp_path / "b.zarr", sample=n_weights, flush_every=None)
@@ -361,6 +362,29 @@ def test_default_blocks_keep_the_natural_chunks_up_to_32_mib(tmp_path, n_weights
     finally:
         rec.close()
     assert open_run(tmp_path / "b.zarr")["values"].encoding["chunks"][0] == rows
+
+
+def test_every_chunk_of_a_default_block_one_chunk_wide_is_written_from_the_block(tmp_path):
+    """10^4 weights: blocks of 3 chunks of 128 rows (whole pages each, so every chunk of a block
+    starts on a page), all written without the staging copy; with the old 104-row chunks the 2nd
+    and later chunks of a block started mid-page and were staged."""
+    model = nn.Module()
+    model.w = nn.Parameter(torch.zeros(625, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(model, tmp_path / "p.zarr", sample=10_000, flush_every=None).attach(opt)
+    direct = rec._writer._direct
+    direct._staged.fill(123.0)  # poisoned: untouched unless a chunk is staged
+    expect = []
+    for step in range(2 * rec.block_steps):
+        model.w.grad = torch.full_like(model.w, 0.01 * (step % 7 + 1))
+        opt.step()
+        expect.append(model.w.detach().flatten().clone())
+    rec._wait_writer()
+    assert bool((direct._staged == 123.0).all())
+    rec.close()
+    ds = open_run(tmp_path / "p.zarr")
+    assert ds["values"].encoding["chunks"][0] == 128 and rec.block_steps == 384
+    np.testing.assert_array_equal(ds["values"].values, torch.stack(expect).numpy()[:, ds["index"].values])
 
 
 def test_blocks_are_one_chunk_for_a_given_chunk_steps_or_many_pieces(tmp_path):
