@@ -35,7 +35,6 @@ __all__ = ["RowChunks", "ShapeFile", "ValuesChunks", "crc32c_bytes", "write_file
 _PAGE = mmap.PAGESIZE
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere every write goes through the page cache
 _BYTES_LE = {"name": "bytes", "configuration": {"endian": "little"}}
-_IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
 
 
 @functools.cache
@@ -57,22 +56,8 @@ def _crc32c_without_gil() -> Callable[[int, int], int] | None:
         except (OSError, AttributeError):
             continue
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint32
-        fn._lib_path = str(lib)
         return fn
     return None
-
-
-@functools.cache
-def _crc32c_extend_without_gil() -> Callable[[int, int, int], int] | None:
-    """``crc32c_extend(crc, address, size)`` of the same library (see `_crc32c_without_gil`)."""
-    value = _crc32c_without_gil()
-    if value is None:
-        return None
-    import ctypes
-
-    fn = ctypes.CDLL(value._lib_path).crc32c_extend  # type: ignore[attr-defined]
-    fn.argtypes, fn.restype = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint32
-    return fn
 
 
 def crc32c_bytes(buf: Any) -> bytes:
@@ -87,42 +72,11 @@ def crc32c_bytes(buf: Any) -> bytes:
     return int(google_crc32c.value(data)).to_bytes(4, "little")
 
 
-def crc32c_parts(parts: list[Any]) -> bytes:
-    """`crc32c_bytes` of the concatenation of the bytes-like `parts`, without concatenating them."""
-    fn = _crc32c_extend_without_gil()
-    if fn is None:
-        import google_crc32c
-
-        crc = 0
-        for part in parts:
-            data = np.frombuffer(part, dtype=np.uint8)
-            data.flags.writeable = False
-            crc = google_crc32c.extend(crc, data)
-        return int(crc).to_bytes(4, "little")
-    crc = 0
-    for part in parts:
-        data = np.frombuffer(part, dtype=np.uint8)
-        crc = fn(crc, data.ctypes.data, data.size)
-    return int(crc).to_bytes(4, "little")
-
-
 def _write_all(fd: int, data: Any) -> None:
     """os.write until all of the bytes-like `data` is written."""
     view = memoryview(data).cast("B")
     while len(view):
         view = view[os.write(fd, view):]
-
-
-def _writev_all(fd: int, parts: list[memoryview]) -> None:
-    """os.writev until all of `parts` (byte memoryviews) is written, in order."""
-    parts = [p for p in parts if len(p)]
-    while parts:
-        done = os.writev(fd, parts[:_IOV_MAX])
-        while parts and done >= len(parts[0]):
-            done -= len(parts[0])
-            parts.pop(0)
-        if parts and done:
-            parts[0] = parts[0][done:]
 
 
 def _temporary(target: Path) -> Path:
@@ -146,14 +100,6 @@ def _whole_aligned(chunk: np.ndarray, shape: tuple[int, int]) -> bool:
     memory is the chunk's raw bytes and can be written as it is, O_DIRECT included."""
     return (chunk.shape == shape and chunk.dtype == np.dtype("<f4") and chunk.flags.c_contiguous
             and chunk.ctypes.data % _PAGE == 0)
-
-
-def _paged_rows(chunk: np.ndarray, shape: tuple[int, int]) -> bool:
-    """Whether `chunk` is a whole chunk of `shape` whose rows are each contiguous whole pages
-    starting on a page (a column of chunks of a wider block whose row stride is whole pages): then
-    its rows, in order, are the chunk's raw bytes, written as they are with one writev."""
-    return (chunk.shape == shape and chunk.dtype == np.dtype("<f4") and chunk.strides[1] == 4
-            and chunk.strides[0] % _PAGE == 0 and (shape[1] * 4) % _PAGE == 0 and chunk.ctypes.data % _PAGE == 0)
 
 
 def _codec_names(array: zarr.Array) -> tuple[list[dict[str, Any]], bool] | None:
@@ -218,9 +164,8 @@ class ValuesChunks:
         return cls(array, folder, codec, checksum)
 
     def write_rows(self, row0: int, values: np.ndarray) -> None:
-        """Write rows [row0, row0 + k) of (k, N) `values` -- or (k, whole chunks across), the edge
-        chunk's padding included; row0 is a multiple of chunk_steps. Chunks are padded with NaN
-        (the fill value) past the last row and the last column.
+        """Write rows [row0, row0 + k) of (k, N) `values`; row0 is a multiple of chunk_steps. Chunks
+        are padded with NaN (the fill value) past the last row and the last column.
 
         Each chunk file is written in place, not renamed in: every row of it is at or after `row0`,
         which no reader looks at until `step` grows, so a write cut short by a kill damages only
@@ -235,12 +180,7 @@ class ValuesChunks:
                 if self._codec is None and _whole_aligned(chunk, (cs, cw)):
                     # the chunk is already its own bytes in page-aligned memory (one chunk column,
                     # e.g. <= 16384 weights, and the Recorder's page-aligned blocks): no staging copy
-                    self._write_chunk((row0 + r) // cs, c // cw, [memoryview(chunk).cast("B")])
-                    continue
-                if self._codec is None and _paged_rows(chunk, (cs, cw)):
-                    # several chunks across, each row of each whole pages (the Recorder's blocks
-                    # with the padding of the edge chunk): the rows are written as they are
-                    self._write_chunk((row0 + r) // cs, c // cw, [memoryview(row).cast("B") for row in chunk])
+                    self._write_chunk((row0 + r) // cs, c // cw, memoryview(chunk).cast("B"))
                     continue
                 staged = self._staged  # the chunk, C order, in page-aligned memory
                 if chunk.shape != (cs, cw):
@@ -253,50 +193,45 @@ class ValuesChunks:
                     encoded = self._codec.encode(staged)
                     size = len(encoded)
                     view[:size] = encoded
-                self._write_chunk((row0 + r) // cs, c // cw, [view[:size]])
+                self._write_chunk((row0 + r) // cs, c // cw, view[:size])
 
-    def _write_chunk(self, i: int, j: int, parts: list[memoryview]) -> None:
-        """Write chunk (i, j) of `values`: its encoded bytes, the concatenation of `parts` (each
-        page-aligned; all but the last whole pages), and the checksum."""
-        tail = (crc32c_bytes(parts[0]) if len(parts) == 1 else crc32c_parts(parts)) if self._checksum else b""
+    def _write_chunk(self, i: int, j: int, data: memoryview) -> None:
+        """Write chunk (i, j) of `values`: its encoded bytes `data` (page-aligned) and the checksum."""
+        tail = crc32c_bytes(data) if self._checksum else b""
         target = self._folder / self._array.metadata.encode_chunk_key((i, j))
         self._folders.ensure(target.parent)
-        self._write_direct(target, parts, tail)
+        self._write_direct(target, data, tail)
 
-    def _write_direct(self, path: Path, parts: list[memoryview], tail: bytes) -> None:
-        """Make `path` hold the concatenation of `parts` (page-aligned memory; all but the last
-        whole pages) then `tail`. The whole pages are written with O_DIRECT where the file system
-        allows it: the disk takes them straight from our buffers, which here costs the writer thread
-        3-10x less CPU than going through the page cache (docs/recorder.md, "Performance"); the rest,
-        and everything where O_DIRECT is refused (tmpfs, some network file systems), goes through
-        the page cache."""
-        last = parts[-1]
-        cut = len(last) // _PAGE * _PAGE if self._o_direct else 0
-        head = [*parts[:-1], last[:cut]] if self._o_direct else []
-        rest = [last[cut:]] if self._o_direct else parts
-        direct = sum(len(p) for p in head) > 0
+    def _write_direct(self, path: Path, data: memoryview, tail: bytes) -> None:
+        """Make `path` hold `data` (page-aligned memory) then `tail`. The whole pages of `data`
+        are written with O_DIRECT where the file system allows it: the disk takes them straight from
+        our buffer, which here costs the writer thread 3-10x less CPU than going through the page
+        cache (docs/recorder.md, "Performance"); the rest, and everything where O_DIRECT is refused
+        (tmpfs, some network file systems), goes through the page cache."""
+        head = len(data) // _PAGE * _PAGE if self._o_direct else 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
-            fd = os.open(path, flags | (self._o_direct if direct else 0), 0o666)
+            fd = os.open(path, flags | (self._o_direct if head else 0), 0o666)
         except OSError as err:
-            if not direct or err.errno != errno.EINVAL:
+            if not head or err.errno != errno.EINVAL:
                 raise
-            self._o_direct, direct, rest = 0, False, parts
+            self._o_direct, head = 0, 0
             fd = os.open(path, flags, 0o666)
         try:
-            if direct:
+            if head:
                 try:
-                    _writev_all(fd, head)
+                    _write_all(fd, data[:head])
                 except OSError as err:
                     if err.errno != errno.EINVAL:
                         raise
-                    self._o_direct, rest = 0, parts  # e.g. a block size above the page size
+                    self._o_direct, head = 0, 0  # e.g. a block size above the page size
                     os.ftruncate(fd, 0)
                     os.lseek(fd, 0, os.SEEK_SET)
                 import fcntl  # O_DIRECT exists only where fcntl does
 
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-            _writev_all(fd, [*rest, memoryview(tail)])
+            _write_all(fd, data[head:])
+            _write_all(fd, tail)
         finally:
             os.close(fd)
 

@@ -606,19 +606,15 @@ class Recorder:
         if pin:
             t = torch.empty((self.block_steps, self.n_weights), dtype=torch.float32, pin_memory=True)
         else:
-            # page-aligned (anonymous mmap) and as wide as whole chunks across (the edge chunk's
-            # padding NaN): every chunk of a block is then written from the block's own memory,
-            # with no staging copy -- one chunk across (<= 16384 weights) as one buffer, several
-            # across (chunk widths of whole pages, see store.default_chunks) row by row
-            # (record/_direct.py)
-            width = self._writer.padded_weights
-            size = self.block_steps * width
+            # page-aligned (anonymous mmap): a block one chunk wide (<= 16384 weights) is then
+            # written from its own memory, with no staging copy (record/_direct.py)
+            size = self.block_steps * self.n_weights
             memory = mmap.mmap(-1, max(4 * size, mmap.PAGESIZE))
             values = np.frombuffer(memory, dtype=np.float32, count=size)
-            t = torch.from_numpy(values.reshape(self.block_steps, width))
+            t = torch.from_numpy(values.reshape(self.block_steps, self.n_weights))
             # touch every page now: otherwise the hook pays the page faults of each block on its
             # first pass through the ring (~100 per row at 10^5 weights)
-            t.fill_(math.nan)
+            t.zero_()
         cs = self.block_steps
         block = _Block(t.numpy(), t, [0] * cs, [0.0] * cs, [0] * cs, [math.nan] * cs)
         for g in self._groups:

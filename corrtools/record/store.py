@@ -97,7 +97,6 @@ _CORE = ("step", "values", "param", "index", "initial", "final")
 _LOCK_PATH = ("step", "writer.lock")  # inside an array's folder, where Zarr readers never list
 _TARGET_CHUNK_BYTES = 4 << 20  # ~4 MiB of float32 per `values` chunk before compression
 _MAX_CHUNK_WEIGHTS = 16384
-_PAGE_WEIGHTS = 1024  # float32 weights in a 4 KiB page
 _FILL = {"f": np.nan, "b": False, "i": -1, "u": 0}
 _COMPRESSORS = ("lz4", "zstd", "none")
 _WRITE_ALL = {"write_empty_chunks": True}  # a written row always has its chunk on disk (see _missing_chunks)
@@ -109,17 +108,10 @@ PathLike = str | os.PathLike[str]
 # --------------------------------------------------------------------------------------- chunking
 def default_chunks(n_weights: int, itemsize: int = 4) -> tuple[int, int]:
     """(chunk_steps, chunk_weights) for `values`: ~4 MiB per chunk, the weights split evenly into
-    chunks of at most 16384 (no mostly-empty edge chunk), between 16 and 1024 steps tall. With
-    several chunks across, their width is rounded up to whole 4 KiB pages of weights (a multiple of
-    1024) while the edge chunk stays at least half full: each row of a chunk is then whole pages,
-    which the direct writer sends to disk from the Recorder's block as it is (``_direct``)."""
+    chunks of at most 16384 (no mostly-empty edge chunk), between 16 and 1024 steps tall."""
     n_weights = max(1, int(n_weights))
     n_chunks = -(-n_weights // _MAX_CHUNK_WEIGHTS)
     chunk_weights = -(-n_weights // n_chunks)
-    if n_chunks > 1:
-        paged = -(-chunk_weights // _PAGE_WEIGHTS) * _PAGE_WEIGHTS
-        if -(-n_weights // paged) == n_chunks and n_weights - (n_chunks - 1) * paged >= paged // 2:
-            chunk_weights = paged
     chunk_steps = _TARGET_CHUNK_BYTES // (itemsize * chunk_weights)
     return int(min(max(chunk_steps, 16), 1024)), chunk_weights
 
@@ -539,8 +531,6 @@ class RunWriter:
         self.n_steps = int(self._step.shape[0])
         self.last_step = int(self._step[self.n_steps - 1]) if self.n_steps else -1
         self.chunk_steps, self.chunk_weights = (int(c) for c in self._values.chunks)
-        # columns of whole chunks across: `write_block` also takes values this wide (NaN padding)
-        self.padded_weights = -(-self.n_weights // self.chunk_weights) * self.chunk_weights
         # local stores: chunks and metadata written as files (see `_direct`); object stores:
         # zarr's own writes (one PUT per chunk, atomic)
         self._local = path.local
@@ -677,23 +667,13 @@ class RunWriter:
         optional: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Append k rows: `steps` (k,) int64, strictly increasing and after `last_step`; `values`
-        (k, N) float32 -- or (k, `padded_weights`) with NaN past column N, the padding of the edge
-        chunk, which lets whole chunks be written from `values`' own memory (the Recorder's blocks);
-        `optional` maps a name to (k,) or (k, N) data (e.g. ``{"loss": ...}``), creating the array
-        on first use (earlier rows are NaN / False / -1). Optional arrays not given get fill values
-        for these rows. Committed atomically (see the module docstring)."""
+        (k, N) float32; `optional` maps a name to (k,) or (k, N) data (e.g. ``{"loss": ...}``),
+        creating the array on first use (earlier rows are NaN / False / -1). Optional arrays not
+        given get fill values for these rows. Committed atomically (see the module docstring)."""
         self._check_open()
         steps = np.asarray(steps, dtype=np.int64).reshape(-1)
         k = len(steps)
         values = np.asarray(values, dtype=np.float32)
-        padded = values
-        if values.shape == (k, self.padded_weights) != (k, self.n_weights):
-            if not np.isnan(values[:, self.n_weights :]).all():
-                raise CorrtoolsError(
-                    f"values has {self.padded_weights} columns, the {self.n_weights} weights and the edge "
-                    "chunk's padding, but the padding is not NaN; fill it with NaN or pass the weights only"
-                )
-            values = values[:, : self.n_weights]
         if values.shape != (k, self.n_weights):
             raise CorrtoolsError(
                 f"values has shape {values.shape} but {k} steps of {self.n_weights} weights were "
@@ -717,7 +697,7 @@ class RunWriter:
         if head:
             _grown(self._values, n0 + head)[n0 : n0 + head] = values[:head]
         if head < k:
-            self._direct.write_rows(n0 + head, padded[head:])
+            self._direct.write_rows(n0 + head, values[head:])
         for name, arr in self._extra.items():
             data = optional.get(name)
             if data is None:

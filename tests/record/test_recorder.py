@@ -387,29 +387,6 @@ def test_every_chunk_of_a_default_block_one_chunk_wide_is_written_from_the_block
     np.testing.assert_array_equal(ds["values"].values, torch.stack(expect).numpy()[:, ds["index"].values])
 
 
-def test_every_chunk_of_a_default_block_two_chunks_wide_is_written_from_the_block(tmp_path):
-    """20,000 weights: two chunks of 10,240 across (whole pages), blocks padded to 20,480 columns
-    (NaN): every chunk is written row by row from the block, never staged, and reads back as the
-    weights."""
-    model = nn.Module()
-    model.w = nn.Parameter(torch.zeros(1250, 16))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = Recorder(model, tmp_path / "p.zarr", sample=20_000, flush_every=None).attach(opt)
-    assert (rec._writer.chunk_weights, rec._writer.padded_weights) == (10_240, 20_480)
-    direct = rec._writer._direct
-    direct._staged.fill(123.0)
-    expect = []
-    for step in range(2 * rec.block_steps):
-        model.w.grad = torch.full_like(model.w, 0.01 * (step % 5 + 1))
-        opt.step()
-        expect.append(model.w.detach().flatten().clone())
-    rec._wait_writer()
-    assert bool((direct._staged == 123.0).all())
-    rec.close()
-    ds = open_run(tmp_path / "p.zarr")
-    np.testing.assert_array_equal(ds["values"].values, torch.stack(expect).numpy()[:, ds["index"].values])
-
-
 def test_blocks_are_one_chunk_for_a_given_chunk_steps_or_many_pieces(tmp_path):
     """An explicit ``chunk_steps`` is the block height (as documented); with the default, a block
     stays one chunk when more chunks would need more than 4096 ready-made row views (rows x

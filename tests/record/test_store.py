@@ -355,12 +355,8 @@ def test_default_chunks_are_a_few_megabytes():
         cs, cw = store_mod.default_chunks(n)
         assert cw <= n and 16 <= cs <= 1024
         assert cs * cw * 4 <= 8 << 20
-    # 7 chunks of weights, each 14 pages wide (14336; 14286 before whole pages), the edge one 13,984
-    assert store_mod.default_chunks(100_000) == (73, 14336)
+    assert store_mod.default_chunks(100_000) == (73, 14286)  # 7 even chunks of weights
     assert store_mod.default_chunks(32768) == (64, 16384)
-    assert store_mod.default_chunks(10_032) == (104, 10032)  # one chunk across: as wide as the weights
-    # 16 chunks of 16384 would leave an edge chunk of 4240 weights: the even split (15625) stays
-    assert store_mod.default_chunks(250_000) == (67, 15625)
 
 
 def test_large_synthetic_store_writes_quickly(tmp_path):
@@ -449,39 +445,6 @@ def test_a_whole_page_aligned_chunk_is_written_from_its_own_memory(tmp_path, ali
         assert (tmp_path / "a.zarr" / "values" / key).read_bytes() == (tmp_path / "twin" / key).read_bytes(), key
 
 
-@pytest.mark.parametrize("checksum", [True, False])
-def test_chunks_several_across_are_written_row_by_row_from_a_padded_block(tmp_path, checksum):
-    """Chunks of whole pages of weights across (2048 wide here), in a page-aligned block whose row
-    stride is whole chunks (the edge chunk's padding NaN, as the Recorder's blocks): every chunk is
-    written from the block's rows, without staging, and the bytes are zarr's (issue 9: at 10^5
-    weights the staging copy moved 400 KB per row)."""
-    import mmap
-
-    n, cw, cs = 5000, 2048, 4  # 3 chunks across, the edge one 904 of 2048 used
-    padded = 3 * cw
-    data = np.random.default_rng(8).normal(size=(2 * cs, n)).astype(np.float32)
-    memory = mmap.mmap(-1, 2 * cs * padded * 4)
-    block = np.frombuffer(memory, dtype=np.float32).reshape(2 * cs, padded)
-    block[:] = np.nan
-    block[:, :n] = data
-    w = RunWriter.create(tmp_path / "a.zarr", param=["p"] * n, index=np.arange(n), initial=np.zeros(n),
-                         chunk_steps=cs, chunk_weights=cw, compressor="none", checksum=checksum)
-    assert w.padded_weights == padded
-    w._direct._staged.fill(123.0)  # poisoned: untouched unless a chunk is staged
-    w.write_block(np.arange(2 * cs), block)
-    assert bool((w._direct._staged == 123.0).all())
-    block[0, n] = 1.0  # padding that is not NaN: refused, nothing written
-    with pytest.raises(CorrtoolsError, match="padding is not NaN"):
-        w.write_block(np.arange(2 * cs, 3 * cs), block[:cs])
-    w.close(np.zeros(n), 2 * cs)
-    np.testing.assert_array_equal(open_run(tmp_path / "a.zarr")["values"].values, data)
-    twin = zarr.create_array(str(tmp_path / "twin"), shape=data.shape, chunks=(cs, cw), dtype="float32",
-                             fill_value=np.nan, compressors=store_mod._codecs("none", checksum))
-    twin[:] = data
-    for key in ("c/0/0", "c/0/2", "c/1/1", "c/1/2"):
-        assert (tmp_path / "a.zarr" / "values" / key).read_bytes() == (tmp_path / "twin" / key).read_bytes(), key
-
-
 @pytest.mark.parametrize("path", ["ctypes, without the GIL", "google_crc32c.value"])
 def test_chunk_checksum_is_zarrs_crc32c(monkeypatch, path):
     """The trailer of a directly written chunk is zarr's crc32c codec's, whichever way it is computed."""
@@ -489,7 +452,6 @@ def test_chunk_checksum_is_zarrs_crc32c(monkeypatch, path):
 
     if path == "google_crc32c.value":
         monkeypatch.setattr(direct_mod, "_crc32c_without_gil", lambda: None)
-        monkeypatch.setattr(direct_mod, "_crc32c_extend_without_gil", lambda: None)
     elif direct_mod._crc32c_without_gil() is None:
         pytest.skip("this google_crc32c wheel ships no libcrc32c")
     rng = np.random.default_rng(4)
@@ -497,10 +459,6 @@ def test_chunk_checksum_is_zarrs_crc32c(monkeypatch, path):
         data = rng.integers(0, 256, size=size, dtype=np.uint8).tobytes()
         assert direct_mod.crc32c_bytes(data) == int(google_crc32c.value(data)).to_bytes(4, "little"), size
         assert direct_mod.crc32c_bytes(memoryview(bytearray(data))) == direct_mod.crc32c_bytes(data)
-        # over parts (the rows of a chunk), without joining them
-        cuts = sorted(rng.integers(0, size + 1, size=3))
-        parts = [memoryview(data)[a:b] for a, b in zip([0, *cuts], [*cuts, size])]
-        assert direct_mod.crc32c_parts(parts) == direct_mod.crc32c_bytes(data), size
 
 
 @pytest.mark.parametrize("checksum", [True, False])
@@ -551,7 +509,7 @@ def test_step_arrays_and_metadata_written_directly_match_zarr(tmp_path, checksum
 def test_chunks_are_written_when_the_file_system_refuses_o_direct(tmp_path, monkeypatch, refused_at):
     """tmpfs refuses O_DIRECT at open, some file systems only at the write: the writer falls back to
     the page cache for good and writes the same values."""
-    real_open, real_writev = os.open, os.writev
+    real_open, real_write = os.open, os.write
     direct_fds: set[int] = set()
 
     def fake_open(path, flags, *a, **k):
@@ -562,15 +520,15 @@ def test_chunks_are_written_when_the_file_system_refuses_o_direct(tmp_path, monk
             direct_fds.add(fd)
         return fd
 
-    def fake_writev(fd, buffers):
+    def fake_write(fd, data):
         if fd in direct_fds:
             direct_fds.discard(fd)
-            real_writev(fd, [bytes(memoryview(buffers[0])[:4096])])  # a page lands, then the refusal
+            real_write(fd, bytes(memoryview(data)[:4096]))  # a page lands, then the refusal
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_writev(fd, buffers)
+        return real_write(fd, data)
 
     monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(os, "writev", fake_writev)
+    monkeypatch.setattr(os, "write", fake_write)
     n = 3000
     data = np.random.default_rng(2).normal(size=(8, n)).astype(np.float32)
     w = RunWriter.create(tmp_path / "f.zarr", param=["p"] * n, index=np.arange(n), initial=np.zeros(n),
