@@ -5,9 +5,10 @@ row of a preallocated host block (on CUDA: into one float32 device buffer, then 
 copy into pinned host memory). Sampled runs of consecutive weights (the default "runs" layout) are
 gathered as rows of a (numel // 16, 16) view: one 64-byte copy per cache line touched. Full blocks
 of whole chunks (several chunks tall up to 16 MiB, see `_block_steps`; the first after a resume may
-be shorter, to end on a chunk boundary) go through a bounded queue to one background thread that writes them with `RunWriter.write_block`,
-whole chunks without zarr's machinery (see ``record/_direct.py``), so training waits on compression
-and disk only when the writer falls more than the queue behind. Memory is a fixed ring of blocks,
+be shorter, to end on a chunk boundary) go through a bounded queue to one background thread that
+writes them with `RunWriter.write_block`, whole chunks without zarr's machinery (see
+``record/_direct.py``), so training waits on compression and disk only when the writer falls more
+than the queue behind. Memory is a fixed ring of blocks,
 independent of run length. Nothing is written per step.
 
 Loss window. A block reaches disk when it is full, and in any case once ``flush_every`` seconds
@@ -75,10 +76,10 @@ from corrtools.record.store import (
 
 __all__ = ["Recorder"]
 
-# cap on one chunk of host block (chunk_steps x weights x 4 bytes). 32 MiB lets 10^5 weights keep the store's
-# natural 73-row chunks (16 MiB made them 41 rows): per row the writer then creates 44% fewer files,
-# and its CPU per row under training fell 34% (MLP, 161 -> 106 us, paired in one process) for
-# twice the ring's memory (4 x 29 MB)
+# cap on one chunk of host block (chunk_steps x weights x 4 bytes). 32 MiB lets 10^5 weights keep
+# the store's natural 73-row chunks (16 MiB made them 41 rows): per row the writer then creates 44%
+# fewer files, and its CPU per row under training fell 34% (MLP, 161 -> 106 us, paired in one
+# process) for twice the ring's memory (4 x 29 MB)
 _BLOCK_BYTES = 32 << 20
 # a default block is as many whole chunks tall as fit in 16 MiB (at most 4096 rows, and rows x
 # pieces within _MAX_ROW_VIEWS): the writer's fixed cost per block -- five small files (the `step`
@@ -243,11 +244,10 @@ class Recorder:
     dims), a list of names, or a predicate ``(name, param) -> bool``. ``every``: take a row every
     k-th step. ``resume=True`` continues an existing store after its last step (``start_step``
     overrides the step counter, e.g. when restarting from a later checkpoint); ``overwrite=True``
-    replaces it. ``chunk_steps`` sets the rows per chunk and per written block (default: ~4 MiB chunks,
-    one chunk at most 32 MiB, blocks of whole chunks up to 16 MiB; ``queue_blocks + 2`` blocks are
-    kept). ``compressor``: "auto" (lz4 when the
-    recorded parameters are on an accelerator, none when on the CPU, where a codec would compete
-    with training for cores),
+    replaces it. ``chunk_steps`` sets the rows per chunk and per written block (default: ~4 MiB
+    chunks, one chunk at most 32 MiB, blocks of whole chunks up to 16 MiB; ``queue_blocks + 2``
+    blocks are kept). ``compressor``: "auto" (lz4 when the recorded parameters are on an
+    accelerator, none when on the CPU, where a codec would compete with training for cores),
     "lz4", "zstd" or "none"; a crc32c checksum is always added. ``flush_every``: seconds after
     which rows are written even if their block is not full (default 30; None: only full blocks),
     bounding what a killed run loses. Every argument is checked before anything is written. Use
