@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
               f"no-recorder step (measured: {over[m] * 100:.1f}%)")
     for m in recorders:
         w = np.array(waits[m]) * 1e3
-        print(f"writer wait {m}: {w[:, 0].mean():.2f} ms wall per block (max {w[:, 0].max():.1f}), of which "
+        print(f"writer wait {m}: {w[:, 0].mean():.2f} ms wall per block (max {w[:, 0].max():.2f}), of which "
               f"{w[:, 1].mean():.2f} ms writer CPU (charged); with the wall time charged instead (the "
               f"estimator before issue 9's sixth pass): {(ratio_wall[m].mean() - 1) * 100:.1f}%")
     if args.checksum_cost:
