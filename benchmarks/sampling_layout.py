@@ -1,12 +1,13 @@
-"""Does the "runs" sampling layout change Δ per magnitude bin? Both layouts on one demo run.
+"""Do the run sampling layouts change Δ per magnitude bin? Every layout on one demo run.
 
-Trains the demo workload (`corrtools demo`'s CharLM, AdamW, cosine schedule, seed 0) once, with two
-Recorders attached to the same optimizer: ``layout="uniform"`` (single weights) and ``layout="runs"``
-(aligned runs of 16 consecutive weights), the same ``sample`` per weight matrix. Then analyses both
-stores as the demo does (whole run, no detrending, 8 quantile bins of final |w| per layer, 95%
-bootstrap intervals) and compares median Δ/T bin by bin:
+Trains the demo workload (`corrtools demo`'s CharLM, AdamW, cosine schedule, seed 0) once, with one
+Recorder per layout attached to the same optimizer: ``layout="uniform"`` (single weights), ``"runs"``
+(aligned runs of 16 consecutive weights drawn at random) and ``"strided"`` (the same runs at a fixed
+stride from a random start), the same ``sample`` per weight matrix. Then analyses every store as the
+demo does (whole run, no detrending, 8 quantile bins of final |w| per layer, 95% bootstrap
+intervals) and compares each run layout's median Δ/T with the uniform one's, bin by bin:
 
-    inside   the runs median lies inside the uniform sample's bootstrap interval
+    inside   the layout's median lies inside the uniform sample's bootstrap interval
     overlap  the two bootstrap intervals overlap
 
 It also prints the intra-run correlation of Δ/T (the share of Δ's variance that lies between runs of
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEMO_STEPS}, the demo's)")
     ap.add_argument("--sample", type=int, default=None, help=f"weights per matrix (default {DEMO_SAMPLE})")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0, help="the Recorders' sampling seed (training is seed 0 always)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         sample = args.sample or DEMO_SAMPLE
     wl = CharLMWorkload(cfg)
     tmp = tempfile.TemporaryDirectory(prefix="corrtools-layout-")
-    paths = {layout: Path(tmp.name) / f"{layout}.zarr" for layout in ("uniform", "runs")}
-    recs = [Recorder(wl.model, p, sample=sample, seed=0, layout=layout).attach(wl.optimizer)
+    paths = {layout: Path(tmp.name) / f"{layout}.zarr" for layout in ("uniform", "runs", "strided")}
+    recs = [Recorder(wl.model, p, sample=sample, seed=args.seed, layout=layout).attach(wl.optimizer)
             for layout, p in paths.items()]
     for _ in range(cfg.steps):
         loss = wl.train_step()
@@ -82,30 +84,35 @@ def main(argv: list[str] | None = None) -> int:
     for rec in recs:
         rec.close()
     res = {layout: delta_by_magnitude(p, bins=DEMO_BINS, progress=False) for layout, p in paths.items()}
-    icc = intra_run_correlation(delta_per_weight(paths["runs"], progress=False))
+    icc = {layout: intra_run_correlation(delta_per_weight(paths[layout], progress=False)) for layout in ("runs", "strided")}
     tmp.cleanup()
 
-    u, r = res["uniform"], res["runs"]
+    u = res["uniform"]
     print(f"sampling layouts on one demo run: CharLM d_model={cfg.d_model} n_layer={cfg.n_layer}, {cfg.steps} "
-          f"AdamW steps, sample={sample} per matrix, {DEMO_BINS} quantile bins, 95% bootstrap intervals")
-    print(f"{'param':<28}{'bin':>4}{'uniform Δ/T [interval]':>28}{'runs Δ/T [interval]':>28}  inside overlap")
-    inside = overlap = total = 0
-    diffs = []
+          f"AdamW steps, sample={sample} per matrix (seed {args.seed}), {DEMO_BINS} quantile bins, 95% bootstrap intervals")
+    print(f"{'param':<28}{'bin':>4}{'uniform Δ/T [interval]':>28}" + "".join(
+        f"{f'{lay} Δ/T [interval]':>28}  inside overlap" for lay in ("runs", "strided")))
+    counts = {lay: [0, 0, 0] for lay in ("runs", "strided")}  # inside, overlap, total
+    diffs: dict[str, list[float]] = {lay: [] for lay in counts}
     for p in u["param"].values:
         for b in range(DEMO_BINS):
-            a, c = u.sel(param=p).isel(bin=b), r.sel(param=p).isel(bin=b)
+            a = u.sel(param=p).isel(bin=b)
             ua, ul, uh = (float(a[k]) for k in ("median_over_T", "ci_low_over_T", "ci_high_over_T"))
-            ra, rl, rh = (float(c[k]) for k in ("median_over_T", "ci_low_over_T", "ci_high_over_T"))
-            i, o = ul <= ra <= uh, max(ul, rl) <= min(uh, rh)
-            inside, overlap, total = inside + i, overlap + o, total + 1
-            diffs.append(ra - ua)
-            print(f"{str(p):<28}{b:>4}{ua:>10.3f} [{ul:.3f}, {uh:.3f}]{ra:>10.3f} [{rl:.3f}, {rh:.3f}]"
-                  f"  {'yes' if i else 'NO':>6} {'yes' if o else 'NO':>7}")
-    d = np.abs(np.array(diffs))
-    print(f"runs median inside the uniform interval: {inside}/{total} bins; intervals overlap: {overlap}/{total}")
-    print(f"|runs - uniform| median Δ/T: mean {d.mean():.3f}, max {d.max():.3f}")
-    print(f"intra-run correlation of Δ/T (runs of {RUN}): {icc:.3f} -> per-weight bootstrap intervals too "
-          f"narrow by ~{np.sqrt(1 + (RUN - 1) * max(icc, 0.0)):.2f}x")
+            line = f"{str(p):<28}{b:>4}{ua:>10.3f} [{ul:.3f}, {uh:.3f}]"
+            for lay, n in counts.items():
+                c = res[lay].sel(param=p).isel(bin=b)
+                ra, rl, rh = (float(c[k]) for k in ("median_over_T", "ci_low_over_T", "ci_high_over_T"))
+                i, o = ul <= ra <= uh, max(ul, rl) <= min(uh, rh)
+                n[0], n[1], n[2] = n[0] + i, n[1] + o, n[2] + 1
+                diffs[lay].append(ra - ua)
+                line += f"{ra:>10.3f} [{rl:.3f}, {rh:.3f}]  {'yes' if i else 'NO':>6} {'yes' if o else 'NO':>7}"
+            print(line)
+    for lay, (inside, overlap, total) in counts.items():
+        d = np.abs(np.array(diffs[lay]))
+        print(f"{lay} median inside the uniform interval: {inside}/{total} bins; intervals overlap: {overlap}/{total}")
+        print(f"|{lay} - uniform| median Δ/T: mean {d.mean():.3f}, max {d.max():.3f}")
+        print(f"intra-run correlation of Δ/T ({lay}, runs of {RUN}): {icc[lay]:.3f} -> per-weight bootstrap "
+              f"intervals too narrow by ~{np.sqrt(1 + (RUN - 1) * max(icc[lay], 0.0)):.2f}x")
     return 0
 
 

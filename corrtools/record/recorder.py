@@ -59,7 +59,7 @@ from torch import nn
 from corrtools.errors import CorrtoolsError
 from corrtools.record._location import store_path
 from corrtools.record.distributed import _is_dtensor, barrier, broadcast_error, is_idle, local_tensor, role, unwrap
-from corrtools.record.sampling import RUN, ParamFilter, SampleSpec, plan_samples
+from corrtools.record.sampling import DEFAULT_LAYOUT, RUN, ParamFilter, SampleSpec, plan_samples
 from corrtools.record.store import (
     PathLike,
     RunWriter,
@@ -129,27 +129,32 @@ class _Block:
 
 class _Piece:
     """One gather of a parameter into the columns [start, stop): ``idx`` (k,) flat indices (``run=1``)
-    or numbers of aligned runs of ``run`` weights. Keeps the parameter's detached (numel // run, run)
-    source view while the parameter's storage stays the same (checked by pointer at every row: a
-    replaced ``p.data`` or an FSDP2 shard swap builds a new view). Caching it, and the destination
-    views of :class:`_Block`, keeps the per-step Python work to one torch call per piece: the hook
-    runs right after the optimizer step, when every extra call pays for cold caches."""
+    or numbers of aligned runs of ``run`` weights, or a ``slice`` of run numbers (an arithmetic
+    progression: the "strided" layout), gathered as one strided copy with no index. Keeps the
+    parameter's detached (numel // run, run) source view -- sliced for a slice -- while the
+    parameter's storage stays the same (checked by pointer at every row: a replaced ``p.data`` or an
+    FSDP2 shard swap builds a new view). Caching it, and the destination views of :class:`_Block`,
+    keeps the per-step Python work to one torch call per piece: the hook runs right after the
+    optimizer step, when every extra call pays for cold caches."""
 
     __slots__ = ("param", "idx", "run", "start", "stop", "_ptr", "_dtype", "_src", "_f32", "_dtensor")
 
-    def __init__(self, param: nn.Parameter, idx: torch.Tensor, run: int, start: int, stop: int) -> None:
+    def __init__(self, param: nn.Parameter, idx: torch.Tensor | slice, run: int, start: int, stop: int) -> None:
         self.param, self.idx, self.run, self.start, self.stop = param, idx, run, start, stop
         self._ptr, self._dtype, self._src, self._f32 = -1, None, torch.empty(0), True
         self._dtensor = _is_dtensor(param)
 
     def source(self) -> torch.Tensor:
-        """(numel // run, run) -- or (numel,) for run 1 -- detached view of the (local) parameter."""
+        """(numel // run, run) -- or (numel,) for run 1 -- detached view of the (local) parameter;
+        for a slice, its (k // run, run) rows."""
         p = self.param.to_local() if self._dtensor else self.param
         if p.data_ptr() != self._ptr or p.dtype is not self._dtype:
             flat = p.detach().reshape(-1)  # a view when contiguous, else a copy (re-made every row)
             if self.run > 1:
                 n = flat.numel() // self.run * self.run
                 flat = flat[:n].view(-1, self.run)
+            if isinstance(self.idx, slice):
+                flat = flat[self.idx]
             self._src, self._dtype, self._f32 = flat, p.dtype, p.dtype == torch.float32
             self._ptr = p.data_ptr() if p.is_contiguous() else -1
         return self._src
@@ -163,7 +168,9 @@ class _Piece:
     def gather_into(self, out: torch.Tensor) -> None:
         """out (k,) -- or (k, run) for runs -- float32 <- p.flatten()[i] for the sampled i, in column order."""
         src = self.source()
-        if self._f32:
+        if isinstance(self.idx, slice):
+            out.copy_(src)  # a strided view: prefetchable, and copy_ is warm after a training step
+        elif self._f32:
             torch.index_select(src, 0, self.idx, out=out)
         else:
             out.copy_(torch.index_select(src, 0, self.idx))
@@ -194,17 +201,48 @@ class _DeviceGroup:
     staging_views: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per piece, into staging
 
 
-def _pieces(index: np.ndarray, numel: int) -> list[tuple[np.ndarray, int, int, int]]:
+_MAX_STRIDED = 8  # strided gathers per parameter at most; more progressions: one gather by index
+
+
+def _progressions(runs: np.ndarray, limit: int) -> list[slice] | None:
+    """Sorted run numbers ``runs`` as at most `limit` arithmetic progressions (``slice``s, each of
+    positive step), greedily from the front; None if they need more."""
+    d = np.diff(runs)
+    out: list[slice] = []
+    i, n = 0, len(runs)
+    while i < n:
+        if len(out) == limit:
+            return None
+        if i == n - 1:
+            out.append(slice(int(runs[i]), int(runs[i]) + 1, 1))
+            break
+        step = int(d[i])
+        off = np.flatnonzero(d[i + 1 :] != step)
+        j = i + 1 + int(off[0]) if len(off) else n - 1  # last element of the progression
+        out.append(slice(int(runs[i]), int(runs[j]) + 1, step))
+        i = j + 1
+    return out
+
+
+def _pieces(index: np.ndarray, numel: int) -> list[tuple[np.ndarray | slice, int, int, int]]:
     """Split one parameter's sorted flat ``index`` (k,) into gathers ``(idx, run, start, stop)`` for
-    columns [start, stop): whole aligned runs of `RUN` as run numbers (``run=RUN``), the rest as
-    flat indices (``run=1``)."""
+    columns [start, stop): whole aligned runs of `RUN` -- as a few slices of run numbers when they
+    form at most `_MAX_STRIDED` arithmetic progressions (the "strided" layout), else as run numbers
+    (``run=RUN``) -- and the rest as flat indices (``run=1``)."""
     k = len(index)
     m = int(np.searchsorted(index, numel // RUN * RUN))  # columns inside whole runs
     firsts = index[:m:RUN]
     if m and m % RUN == 0 and not (firsts % RUN).any() and np.array_equal(
         index[:m], (firsts[:, None] + np.arange(RUN)).reshape(-1)
     ):
-        return [(firsts // RUN, RUN, 0, m)] + ([(index[m:], 1, m, k)] if m < k else [])
+        runs = firsts // RUN
+        slices = _progressions(runs, _MAX_STRIDED)
+        if slices is None:
+            whole: list[tuple[np.ndarray | slice, int, int, int]] = [(runs, RUN, 0, m)]
+        else:
+            bounds = np.cumsum([0] + [len(range(sl.start, sl.stop, sl.step)) * RUN for sl in slices])
+            whole = [(sl, RUN, int(a), int(b)) for sl, a, b in zip(slices, bounds[:-1], bounds[1:])]
+        return whole + ([(index[m:], 1, m, k)] if m < k else [])
     return [(index, 1, 0, k)]
 
 
@@ -226,6 +264,16 @@ def _lower_priority(nice: int = 10) -> None:
         pass
 
 
+def _stored_layout(path: Path | str) -> str:
+    """The sampling layout of the store at ``path`` (stores from before layouts existed are
+    "uniform"); the default layout where there is no readable store (resuming it then fails with
+    its own error)."""
+    try:
+        return str(open_run(path).attrs.get("layout", "uniform"))
+    except Exception:
+        return DEFAULT_LAYOUT
+
+
 def _describe_params(params: ParamFilter) -> Any:
     if params is None:
         return "floating parameters with >= 2 dims"
@@ -238,9 +286,11 @@ class Recorder:
     """Record sampled weights of ``model`` after optimizer steps into the run store at ``path``.
 
     ``sample``: weights per parameter (int) or fraction of each parameter (float in (0, 1]), without
-    replacement, reproducible from ``seed``; ``layout``: "runs" (default: aligned runs of 16
-    consecutive weights, the count rounded up to whole runs; ~3-5x cheaper to read per step on CPU)
-    or "uniform" (single weights), see `corrtools.record.sampling`. ``params``: None (floating parameters with >= 2
+    replacement, reproducible from ``seed``; ``layout``: "strided" (the default for a new store:
+    aligned runs of 16 consecutive weights at a fixed stride from a random start, the count rounded
+    up to whole runs and to the stride; the cheapest to read per step), "runs" (the same runs drawn
+    at random) or "uniform" (single weights; ~3-5x costlier to read per step on CPU), see
+    `corrtools.record.sampling`; with ``resume=True`` the default is the store's own layout. ``params``: None (floating parameters with >= 2
     dims), a list of names, or a predicate ``(name, param) -> bool``. ``every``: take a row every
     k-th step. ``resume=True`` continues an existing store after its last step (``start_step``
     overrides the step counter, e.g. when restarting from a later checkpoint); ``overwrite=True``
@@ -293,7 +343,7 @@ class Recorder:
         queue_blocks: int = 2,
         compressor: str = "auto",
         flush_every: float | None = FLUSH_EVERY,
-        layout: str = "runs",
+        layout: str | None = None,
     ) -> None:
         # every argument is checked here, before the store is touched
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -321,6 +371,8 @@ class Recorder:
         self._queue_blocks = queue_blocks
         self._flush_every = None if flush_every is None else float(flush_every)
         self.model = model = unwrap(model)
+        if layout is None:  # a resumed store keeps its own layout; a new one gets the default
+            layout = _stored_layout(self.path) if resume else DEFAULT_LAYOUT
         self.plan = plan_samples(model, sample, params, seed, layout)
         self.layout = layout
         self._check_devices()
@@ -351,7 +403,7 @@ class Recorder:
                 "sample": sample.item() if isinstance(sample, np.generic) else sample,
                 "seed": int(seed),
                 "layout": layout,
-                "run": RUN if layout == "runs" else 1,
+                "run": 1 if layout == "uniform" else RUN,
                 "params": _describe_params(params),
                 "model": f"{type(model).__module__}.{type(model).__qualname__}",
                 "optimizer": None,
@@ -812,7 +864,8 @@ class Recorder:
                 if p.device != d:
                     continue
                 for idx, run, a, b in _pieces(s.index, s.numel):
-                    entries.append(_Piece(p, torch.as_tensor(idx, dtype=torch.int64, device=d), run, col + a, col + b))
+                    sel = idx if isinstance(idx, slice) else torch.as_tensor(idx, dtype=torch.int64, device=d)
+                    entries.append(_Piece(p, sel, run, col + a, col + b))
                 col += len(s.index)
             stage = d.type != "cpu" or self._stage_on_cpu
             staging = torch.empty(col - start, dtype=torch.float32, device=d) if stage else None

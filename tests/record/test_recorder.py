@@ -79,7 +79,7 @@ def test_docstring_example_runs():
 
 @pytest.mark.parametrize("blocks", ["one chunk", "three chunks"])
 @pytest.mark.parametrize("row_views", ["kept", "made per row"])
-@pytest.mark.parametrize("layout", ["runs", "uniform"])
+@pytest.mark.parametrize("layout", ["strided", "runs", "uniform"])
 def test_values_equal_an_independent_copy_of_the_weights(tmp_path, monkeypatch, layout, row_views, blocks):
     if row_views == "made per row":  # the fallback for blocks with many rows x pieces
         monkeypatch.setattr(recorder_mod, "_MAX_ROW_VIEWS", 0)
@@ -97,10 +97,11 @@ def test_values_equal_an_independent_copy_of_the_weights(tmp_path, monkeypatch, 
         copies, losses = _train(model, opt, 17, rec, sched)
     ds = open_run(tmp_path / "r.zarr")
     np.testing.assert_array_equal(ds["step"].values, np.arange(2, 18, 2))
-    # fc1 (72 weights): 20 single weights, or 2 runs of 16; fc2 (36): 20, or 2 runs (the last one 4 long)
-    widths = {"uniform": (40,), "runs": (64, 52)}[layout]
+    # fc1 (72 weights): 20 single weights, or 2 runs of 16; fc2 (36): 20, or 2 runs (the last one 4 long);
+    # strided: fc1 every 2nd of its 5 runs (16, 16, 16, 16, 8) from run 0 or 1, fc2 all 3 (stride 1)
+    widths = {"uniform": (40,), "runs": (64, 52), "strided": (40 + 36, 32 + 36)}[layout]
     assert ds["values"].shape[0] == 8 and ds["values"].shape[1] in widths and ds["values"].dtype == np.float32
-    assert ds.attrs["layout"] == layout and ds.attrs["run"] == (16 if layout == "runs" else 1)
+    assert ds.attrs["layout"] == layout and ds.attrs["run"] == (1 if layout == "uniform" else 16)
     for r, s in enumerate(ds["step"].values):
         np.testing.assert_array_equal(ds["values"].values[r], _expected_row(ds, copies[s]))
     np.testing.assert_array_equal(ds["initial"].values, _expected_row(ds, copies[0]))
@@ -216,6 +217,23 @@ def test_second_recorder_is_refused_while_recording(tmp_path):
     Recorder(model, p, sample=4, resume=True).close()
 
 
+@pytest.mark.parametrize("layout", ["runs", "uniform"])
+def test_resume_without_a_layout_keeps_the_stores_own(tmp_path, layout):
+    """A store recorded with another layout than today's default resumes with its own when none is
+    given, drawing the same weights (not an error, not the default's other weights)."""
+    p = tmp_path / "l.zarr"
+    model = _Net()
+    with Recorder(model, p, sample=10, layout=layout) as rec:
+        rec.record()
+    index = open_run(p)["index"].values
+    with Recorder(model, p, sample=10, resume=True) as rec:
+        assert rec.layout == layout
+        rec.record()
+    ds = open_run(p)
+    assert ds.attrs["layout"] == layout and ds.sizes["step"] == 2
+    np.testing.assert_array_equal(ds["index"].values, index)
+
+
 def test_resume_continues_without_duplicates(tmp_path, monkeypatch):
     p = tmp_path / "r.zarr"
     torch.manual_seed(0)
@@ -225,7 +243,7 @@ def test_resume_continues_without_duplicates(tmp_path, monkeypatch):
         copies, _ = _train(model, opt, 6, rec)
     with pytest.raises(CorrtoolsError, match="other weights"):
         Recorder(model, p, sample=20, resume=True)
-    with pytest.raises(CorrtoolsError, match="recorded with layout='runs'; resume with layout='runs'"):
+    with pytest.raises(CorrtoolsError, match="recorded with layout='strided'; resume with layout='strided'"):
         Recorder(model, p, sample=10, resume=True, layout="uniform")
     with pytest.raises(CorrtoolsError, match="every=1"):
         Recorder(model, p, sample=10, every=2, resume=True)
@@ -510,12 +528,12 @@ def test_run_gather_equals_flat_indexing_also_with_a_short_last_run(tmp_path, dt
     from corrtools.record.sampling import sample_indices
 
     numel = 40  # runs [0, 16), [16, 32) and the short [32, 40)
-    seed = next(s for s in range(100) if 39 in sample_indices(numel, 32, s, "w"))
+    seed = next(s for s in range(100) if 39 in sample_indices(numel, 32, s, "w", layout="runs"))
     model = nn.Module()
     model.w = nn.Parameter(torch.randn(8, 5, dtype=dtype) if contiguous else torch.randn(5, 8, dtype=dtype).t())
     model.v = nn.Parameter(torch.randn(48, 2, dtype=dtype))  # 96 weights = 6 whole runs
     snaps = []
-    with Recorder(model, tmp_path / "g.zarr", sample=32, seed=seed) as rec:
+    with Recorder(model, tmp_path / "g.zarr", sample=32, seed=seed, layout="runs") as rec:
         assert [(e.run, e.stop - e.start) for e in rec._groups[0].entries] == [(16, 16), (1, 8), (16, 32)]
         for _ in range(2):
             rec.record()
@@ -531,7 +549,77 @@ def test_run_gather_equals_flat_indexing_also_with_a_short_last_run(tmp_path, dt
         np.testing.assert_array_equal(ds["values"].values[r], want)
 
 
-@pytest.mark.parametrize("layout", ["runs", "uniform"])
+class _CountGathers(torch.overrides.TorchFunctionMode):
+    """Counts ``torch.index_select`` calls made while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.index_select
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_strided_gather_is_one_copy_per_parameter_and_equals_flat_indexing(tmp_path, dtype, contiguous):
+    """The default layout: a parameter's whole runs form one progression, gathered as one strided copy
+    with no index (index_select only for a short last run), equal to p.flatten()[index] in column
+    order -- checked against plain flat indexing of copies, also for bf16 and a transposed weight."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.w = nn.Parameter(torch.randn(40, 52, dtype=dtype) if contiguous else torch.randn(52, 40, dtype=dtype).t())
+    model.v = nn.Parameter(torch.randn(48, 2, dtype=dtype))  # 96 weights = 6 whole runs
+    model.u = nn.Parameter(torch.randn(130, dtype=dtype))  # 8 runs + a short one of 2
+    snaps, gathers = [], []
+    with Recorder(model, tmp_path / "s.zarr", sample=0.3, params=["w", "v", "u"]) as rec:
+        entries = rec._groups[0].entries
+        assert all(isinstance(e.idx, slice) and e.run == 16 for e in entries if e.run > 1)
+        assert [e.param for e in entries if e.run > 1] == [model.w, model.v, model.u]  # one progression each
+        tails = sum(e.run == 1 for e in entries)
+        for _ in range(3):
+            with _CountGathers() as count:
+                rec.record()
+            gathers.append(count.calls)
+            snaps.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            with torch.no_grad():
+                model.w.mul_(-1.5)
+                model.v.add_(1.0)
+                model.u.sub_(0.25)
+    assert gathers == [tails] * 3
+    ds = open_run(tmp_path / "s.zarr")
+    assert ds.attrs["layout"] == "strided"
+    index, names = ds["index"].values, ds["param"].values
+    for r, snap in enumerate(snaps):
+        want = np.concatenate([_flat(snap[n], index[names == n]) for n in ("w", "v", "u")])
+        np.testing.assert_array_equal(ds["values"].values[r], want)
+
+
+def test_pieces_split_runs_into_few_progressions_or_keep_an_index():
+    """`_pieces` covers the sampled columns exactly: arithmetic progressions of runs as slices (at
+    most _MAX_STRIDED), random runs as run numbers, the rest as flat indices."""
+    lattice = np.concatenate([np.arange(r * 16, r * 16 + 16) for r in [1, 4, 7, 10, 20, 21]])
+    pieces = recorder_mod._pieces(lattice, 400)
+    assert [(p[0], p[1], p[2], p[3]) for p in pieces] == [(slice(1, 11, 3), 16, 0, 64), (slice(20, 22, 1), 16, 64, 96)]
+    rng = np.random.default_rng(0)
+    runs = np.sort(rng.choice(1000, 60, replace=False))
+    random_runs = (runs[:, None] * 16 + np.arange(16)).reshape(-1)
+    (idx, run, a, b), = recorder_mod._pieces(random_runs, 16000)
+    assert run == 16 and (a, b) == (0, 960) and np.array_equal(idx, runs)
+    for index, numel in ((lattice, 400), (random_runs, 16000), (np.array([3, 40, 41, 99]), 100)):
+        covered = []
+        for idx, run, a, b in recorder_mod._pieces(index, numel):
+            if isinstance(idx, slice):
+                got = (np.arange(idx.start, idx.stop, idx.step)[:, None] * 16 + np.arange(16)).reshape(-1)
+            else:
+                got = (np.asarray(idx)[:, None] * run + np.arange(run)).reshape(-1)
+            assert len(got) == b - a
+            covered.append(got)
+        np.testing.assert_array_equal(np.concatenate(covered), index)
+
+
+@pytest.mark.parametrize("layout", ["strided", "runs", "uniform"])
 def test_a_replaced_parameter_tensor_is_gathered_from_its_new_storage(tmp_path, layout):
     """The hook keeps each parameter's source view between rows; assigning ``p.data`` (a new
     storage, also of another dtype) must be seen at the next row, not the old storage's values."""
@@ -555,9 +643,12 @@ def test_default_layout_reads_one_cache_line_per_16_weights(tmp_path):
     of a float32 parameter, not ~k as uniform single weights do (issue 9)."""
     model = nn.Module()
     model.w = nn.Parameter(torch.randn(1024, 1024))  # 65536 lines of 16 weights
-    lines = {}
-    for layout in ("default", "uniform"):
+    lines, counts = {}, {}
+    for layout in ("default", "runs", "uniform"):
         kw = {} if layout == "default" else {"layout": layout}
         Recorder(model, tmp_path / f"{layout}.zarr", sample=4096, **kw).close()
-        lines[layout] = len(np.unique(open_run(tmp_path / f"{layout}.zarr")["index"].values // 16))
-    assert lines["default"] == 4096 // 16 and lines["uniform"] > 3800
+        index = open_run(tmp_path / f"{layout}.zarr")["index"].values
+        lines[layout], counts[layout] = len(np.unique(index // 16)), len(index)
+    # strided: stride 255 runs (coprime to the 64 runs of a row), 257 runs from a start in [0, 255)
+    assert lines["default"] * 16 == counts["default"] and 4096 <= counts["default"] <= 4096 * 1.01
+    assert lines["runs"] == 4096 // 16 and lines["uniform"] > 3800

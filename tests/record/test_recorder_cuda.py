@@ -20,7 +20,7 @@ def _model(dtype: torch.dtype) -> nn.Module:
     return nn.Sequential(nn.Linear(96, 256), nn.ReLU(), nn.Linear(256, 64)).to("cuda", dtype)
 
 
-@pytest.mark.parametrize("layout", ["runs", "uniform"])
+@pytest.mark.parametrize("layout", ["strided", "runs", "uniform"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_rows_equal_the_weights_after_each_step(tmp_path, layout, dtype):
     """Every stored row equals an independent host copy of the weights taken after that step,
