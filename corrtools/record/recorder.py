@@ -1,9 +1,11 @@
 """The Recorder: streams sampled per-weight trajectories of a PyTorch run into a run store.
 
-Per recorded step the sampled values of all parameters are gathered with ``index_select`` into one
-row of a preallocated host block (on CUDA: into one float32 device buffer, then one non-blocking
-copy into pinned host memory). Sampled runs of consecutive weights (the default "runs" layout) are
-gathered as rows of a (numel // 16, 16) view: one 64-byte copy per cache line touched. Full blocks
+Per recorded step the sampled values of all parameters are gathered into one row of a preallocated
+host block (on CUDA: into one float32 device buffer, then one non-blocking copy into pinned host
+memory). Sampled runs of consecutive weights are gathered as rows of a (numel // 16, 16) view: one
+64-byte copy per cache line touched; a parameter's runs at a fixed stride (the default "strided"
+layout) are one slice of that view, copied with one ``copy_``, other runs and single weights with
+``index_select``. Full blocks
 of whole chunks (several chunks tall up to 16 MiB, see `_block_steps`; the first after a resume may
 be shorter, to end on a chunk boundary) go through a bounded queue to one background thread that
 writes them with `RunWriter.write_block`, whole chunks without zarr's machinery (see

@@ -17,7 +17,7 @@ Three layouts, each giving every weight of a parameter the same chance to be rec
   ``R // m`` is kept (and the runs cover only some column positions). The count is therefore
   ``ceil((R - first) / s)`` runs: the request rounded up to whole runs and to the stride, by a few
   percent when the sample is a small fraction of the parameter (10^5 weights requested over the
-  three matrices of a 512-1024-1024-512 MLP record 103,712), by up to 2x when it is over half of
+  three matrices of a 512-1024-1024-512 MLP record 103,728), by up to 2x when it is over half of
   it. The last run of a parameter whose numel is not a multiple of 16 is shorter. A parameter's sample is one strided view of it: the gather after an
   optimizer step is one strided copy, whose addresses the hardware prefetcher predicts.
 - ``"runs"``: the same runs, drawn uniformly without replacement (no lattice): every sampled run is

@@ -7,7 +7,7 @@ nothing.
 
 Sample. For each sparse layer, ``sample`` weights drawn uniformly without replacement with the
 recorder's sampler (``sample_indices(numel, sample, seed, name, layout="uniform")``), fixed for the
-run. The recorder's default layout (aligned runs of 16 weights) is not used here: neighbouring weights
+run. The recorder's run layouts (aligned runs of 16 weights, its default) are not used here: neighbouring weights
 are slightly correlated, and the estimator's gather of a few hundred weights per layer is cheap anyway.
 
 Uncut segments. A reset sets n to 0, so a window that spans a reset measures the jump, not learning.
