@@ -71,6 +71,7 @@ from corrtools.record.store import (
     default_chunks,
     finish_sharded,
     open_run,
+    run_attrs,
     shard_path,
     Z,
     z_for_rows,
@@ -268,10 +269,10 @@ def _lower_priority(nice: int = 10) -> None:
 
 def _stored_layout(path: Path | str) -> str:
     """The sampling layout of the store at ``path`` (stores from before layouts existed are
-    "uniform"); the default layout where there is no readable store (resuming it then fails with
-    its own error)."""
+    "uniform"; read from its attrs alone); the default layout where there is no readable store
+    (resuming it then fails with its own error)."""
     try:
-        return str(open_run(path).attrs.get("layout", "uniform"))
+        return str(run_attrs(path).get("layout", "uniform"))
     except Exception:
         return DEFAULT_LAYOUT
 

@@ -18,8 +18,9 @@ Three layouts, each giving every weight of a parameter the same chance to be rec
   ``ceil((R - first) / s)`` runs: the request rounded up to whole runs and to the stride, by a few
   percent when the sample is a small fraction of the parameter (10^5 weights requested over the
   three matrices of a 512-1024-1024-512 MLP record 103,728), by up to 2x when it is over half of
-  it. The last run of a parameter whose numel is not a multiple of 16 is shorter. A parameter's sample is one strided view of it: the gather after an
-  optimizer step is one strided copy, whose addresses the hardware prefetcher predicts.
+  it. The last run of a parameter whose numel is not a multiple of 16 is shorter. A parameter's
+  whole runs are then one strided view of it: the gather after an optimizer step is one strided
+  copy, whose addresses the hardware prefetcher predicts.
 - ``"runs"``: the same runs, drawn uniformly without replacement (no lattice): every sampled run is
   a random cache line, gathered with an index, latency-bound right after an optimizer step.
 - ``"uniform"``: single weights drawn uniformly without replacement; statistically the most
@@ -41,13 +42,16 @@ from torch import nn
 
 from corrtools.errors import CorrtoolsError, close_matches
 
-__all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "RUN", "ParamSample", "SamplePlan", "plan_samples", "select_params", "sample_indices"]
+__all__ = [
+    "DEFAULT_LAYOUT", "LAYOUTS", "RUN", "ParamSample", "SamplePlan", "plan_samples", "run_stride", "select_params",
+    "sample_indices",
+]
 
 ParamFilter = None | Sequence[str] | Callable[[str, torch.Tensor], bool]
 SampleSpec = int | float
 LAYOUTS = ("strided", "runs", "uniform")
 DEFAULT_LAYOUT = "strided"
-RUN = 16  # weights per run in the "runs" layout: 64 bytes of float32, one cache line
+RUN = 16  # weights per run in the "strided" and "runs" layouts: 64 bytes of float32, one cache line
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,8 @@ def sample_indices(
     """Sorted flat indices (k,) int64 of a sample without replacement from ``range(numel)``:
     ``k = min(sample, numel)`` for an int, ``max(1, round(sample * numel))`` for a float; with
     ``layout="runs"`` k is rounded up to whole aligned runs of `RUN`, with ``"strided"`` also up to
-    the stride (see the module docstring). ``row``: weights per row (``numel // shape[0]``; None for a vector), for "strided"."""
+    the stride (see the module docstring). ``row``: weights per row (``numel // shape[0]``; None for
+    a vector), for "strided"."""
     _check_sample(sample)
     _check_layout(layout)
     if isinstance(sample, (int, np.integer)):

@@ -82,6 +82,7 @@ __all__ = [
     "finish_sharded",
     "open_run",
     "read_group",
+    "run_attrs",
     "run_info",
     "shard_path",
     "truncate_run",
@@ -435,6 +436,12 @@ def _check_shapes(group: zarr.Group, n: int, core: Mapping[str, zarr.Array], arr
 
 def _strings(values: Any) -> np.ndarray:
     return np.asarray([str(v) for v in np.asarray(values).tolist()], dtype=str)
+
+
+def run_attrs(path: PathLike) -> dict[str, Any]:
+    """The top-level attrs of the run store at ``path`` (metadata only: no array is opened or
+    checked); CorrtoolsError if it is not one."""
+    return dict(_open_group(path).attrs)
 
 
 def open_run(path: PathLike, chunks: None | str | Mapping[str, int] = None) -> xr.Dataset:
