@@ -183,6 +183,23 @@ class _NoChecksum(_Timed):
     _checksum = False
 
 
+class _NoWrite(_Timed):
+    """The hook and the hand-over as usual, but the writer thread drops each block unwritten: what
+    the training thread's side costs alone (a diagnostic; its store stays empty)."""
+
+    def _write_block(self, block: Any, lo: int, hi: int, event: Any) -> None:
+        self.rows_written += max(hi - lo, 0)
+
+
+class _IdleWriter(_Timed):
+    """The writer thread under ``SCHED_IDLE`` (it runs only on a core no other thread wants)
+    instead of nice 10 (a diagnostic)."""
+
+    def _write_loop(self) -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        super()._write_loop()
+
+
 def _crc_alone(n_weights: int, step_s: float, rows: int = 64) -> str:
     """CPU time of the checksum alone (google_crc32c, what zarr's crc32c codec calls) per recorded row."""
     import google_crc32c
@@ -195,6 +212,17 @@ def _crc_alone(n_weights: int, step_s: float, rows: int = 64) -> str:
     per_row = (time.process_time() - c0) / reps / rows
     return (f"crc32c alone: {per_row * 1e3:.3f} ms CPU per row of {n_weights} weights "
             f"({len(data) / rows / per_row / 1e9:.1f} GB/s), {per_row / step_s * 100:.2f}% of a no-recorder step")
+
+
+def _steal_s() -> float:
+    """The machine's steal time so far, in seconds summed over its CPUs (``/proc/stat``: time the
+    hypervisor ran something else while a virtual CPU wanted to run); 0.0 where it is not known."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _bootstrap_ci(x: np.ndarray, level: float = 0.95, n: int = 4000) -> tuple[float, float]:
@@ -236,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the Recorder's values codec (default: the Recorder's default, auto)")
     ap.add_argument("--checksum-cost", action="store_true",
                     help="add the mode nocrc_1e5 (recorder_1e5 without the crc32c checksum) and print its cost")
+    ap.add_argument("--writer-cost", action="store_true",
+                    help="add the modes nowrite_1e5 (recorder_1e5 whose writer drops its blocks) and "
+                         "idle_1e5 (its writer under SCHED_IDLE, Linux): what writing costs training")
     args = ap.parse_args(argv)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
@@ -273,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.checksum_cost:
         recorders["nocrc_1e5"] = _NoChecksum(wl.model, root / "nocrc_1e5.zarr", sample=sample["recorder_1e5"],
                                              **common)
+    if args.writer_cost:
+        for mode, cls in (("nowrite_1e5", _NoWrite), ("idle_1e5", _IdleWriter)):
+            recorders[mode] = cls(wl.model, root / f"{mode}.zarr", sample=sample["recorder_1e5"], **common)
     naive = NaiveRecorder(wl.model, root / "naive.zarr", sample["recorder_1e5"])
     weights = {"none": 0, **{m: r.n_weights for m, r in recorders.items()},
                "naive_1e5": naive.array.shape[1]}
@@ -283,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     pauses = _GcPauses()  # freezes the set-up heap: a full collection of it paused a block 100-160 ms
     times: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}
     cpu: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}  # process CPU, all threads
+    steal: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}  # machine's steal per step
 
     sequence: list[tuple[str, float]] = []  # (mode, s per step) in the order measured, naive's part last
     waits: dict[str, list[tuple[float, float]]] = {m: [] for m in recorders}  # per block: (wall, writer CPU) s
@@ -294,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         after = naive.step if mode == "naive_1e5" else None
         if rec is not None:
             rec.attach(wl.optimizer)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, s0 = time.perf_counter(), time.process_time(), _steal_s()
         for _ in range(block):
             wl.train_step(after_step=after)
         wait_s = 0.0  # what the block is charged for the writing left when its steps are done
@@ -316,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             t_end = time.perf_counter()
         times[mode].append((t_end - t0 + wait_s) / block)
         cpu[mode].append((time.process_time() - c0) / block)
+        steal[mode].append((_steal_s() - s0) / block)
         sequence.append((mode, times[mode][-1]))
 
     slots = modes[1:]
@@ -355,18 +391,19 @@ def main(argv: list[str] | None = None) -> int:
     ci = {m: _bootstrap_ci(v - 1) for m, v in ratio.items()}
     step = {m: statistics.median(v) for m, v in times.items()}
     proc = {m: statistics.median(v) for m, v in cpu.items()}
+    stolen = {m: statistics.fmean(v) for m, v in steal.items()}  # a mean: steal comes in 10 ms ticks
     base = step["none"]
     print(f"recorder overhead: {title} ({n_matrix} matrix weights), "
           f"{rounds} rounds x {block} steps per mode, each between two no-recorder blocks (naive: {naive_rounds} rounds apart), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load {' '.join(open('/proc/loadavg').read().split()[:3])}")
     print(f"{'mode':<14}{'weights':>9}{'step_ms':>10}{'overhead':>10} {'95% CI':<18}{'cpu_ms':>9}{'extra_us':>10}"
-          f"{'hook_us':>9}{'write_us':>10}")
+          f"{'hook_us':>9}{'write_us':>10}{'steal_us':>10}")
     for m in [*modes, "naive_1e5"]:
         h = f"{hook[m] * 1e6:>9.0f}{write[m] * 1e6:>10.0f}" if m in recorders else f"{'-':>9}{'-':>10}"
         o = (f" {over[m] * 100:>+8.1f}% {ci[m][0] * 100:>+7.1f}..{ci[m][1] * 100:>+.1f}%".ljust(29) if m != "none"
              else f" {'-':>9} {'-':<18}")
         print(f"{m:<14}{weights[m]:>9}{step[m] * 1e3:>10.3f}{o}{proc[m] * 1e3:>9.3f}"
-              f"{over.get(m, 0.0) * base * 1e6:>10.0f}{h}")  # none has no entry in over: 0
+              f"{over.get(m, 0.0) * base * 1e6:>10.0f}{h}{stolen[m] * 1e6:>10.0f}")  # none: no over
     factor = over["naive_1e5"] / over["recorder_1e5"] if over["recorder_1e5"] > 0 else float("inf")
     print(f"overhead {args.workload} recorder_1e5: {over['recorder_1e5'] * 100:.1f}% (goal <= 3%); "
           f"recorder_1e4: {over['recorder_1e4'] * 100:.1f}% (goal <= 1%); naive_1e5: {over['naive_1e5'] * 100:.1f}%"
