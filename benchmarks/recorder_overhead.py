@@ -53,7 +53,10 @@ than naive_1e5. ``--uniform`` adds the mode ``uniform_1e5``: recorder_1e5 with `
 9's seventh pass).
 
 ``--checksum-cost`` adds the mode ``nocrc_1e5``: recorder_1e5 without the crc32c checksum codec
-that every store carries, and prints what the checksum costs per step.
+that every store carries, and prints what the checksum costs per step. ``--writer-cost`` adds
+``nowrite_1e5`` (recorder_1e5 whose writer drops its blocks: the training thread's side alone) and
+``idle_1e5`` (its writer under ``SCHED_IDLE`` instead of nice 10; Linux only). ``steal_us`` is the
+machine's steal time per step (``/proc/stat``, 10 ms ticks): time the hypervisor took from the VM.
 
     python benchmarks/recorder_overhead.py           # full: ~3 minutes on 2 cores (mlp ~7)
     python benchmarks/recorder_overhead.py --workload mlp

@@ -22,9 +22,10 @@ def test_recorder_overhead_quick_prints_table(workload):
     num = r"(-?[\d.]+)"
     for line in out.stdout.splitlines():
         m = re.fullmatch(rf"(\w+)\s+(\d+)\s+{num}\s+(-|[+-][\d.]+%)\s+(-|[+-][\d.]+\.\.[+-][\d.]+%)\s+{num}"
-                         rf"\s+{num}\s+(-|\d+)\s+(-|\d+)", line.strip())
+                         rf"\s+{num}\s+(-|\d+)\s+(-|\d+)\s+(\d+)", line.strip())
         if m:
-            rows[m.group(1)] = (int(m.group(2)), float(m.group(3)), m.group(4), m.group(8), m.group(9), m.group(5))
+            rows[m.group(1)] = (int(m.group(2)), float(m.group(3)), m.group(4), m.group(8), m.group(9), m.group(5),
+                                int(m.group(10)))
     assert set(rows) == {"none", "none_check", "recorder_1e4", "recorder_1e5", "naive_1e5"}
     assert rows["none"][2] == "-" and all(r[1] > 0 for r in rows.values())
     # every other mode: its mean overhead lies inside its own bootstrap interval
