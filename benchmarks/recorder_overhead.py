@@ -55,7 +55,7 @@ than naive_1e5. ``--uniform`` adds the mode ``uniform_1e5``: recorder_1e5 with `
 ``--checksum-cost`` adds the mode ``nocrc_1e5``: recorder_1e5 without the crc32c checksum codec
 that every store carries, and prints what the checksum costs per step. ``--writer-cost`` adds
 ``nowrite_1e5`` (recorder_1e5 whose writer drops its blocks: the training thread's side alone) and
-``idle_1e5`` (its writer under ``SCHED_IDLE`` instead of nice 10; Linux only). ``steal_us`` is the
+``nice_1e5`` (its writer at nice 10, as before issue 9's tenth pass, instead of ``SCHED_IDLE``). ``steal_us`` is the
 machine's steal time per step (``/proc/stat``, 10 ms ticks): time the hypervisor took from the VM.
 
     python benchmarks/recorder_overhead.py           # full: ~3 minutes on 2 cores (mlp ~7)
@@ -194,13 +194,11 @@ class _NoWrite(_Timed):
         self.rows_written += max(hi - lo, 0)
 
 
-class _IdleWriter(_Timed):
-    """The writer thread under ``SCHED_IDLE`` (it runs only on a core no other thread wants)
-    instead of nice 10 (a diagnostic)."""
+class _NiceWriter(_Timed):
+    """The writer thread at nice 10 from the start (the Recorder before issue 9's tenth pass)
+    instead of ``SCHED_IDLE`` (a diagnostic)."""
 
-    def _write_loop(self) -> None:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        super()._write_loop()
+    _idle_writer = False
 
 
 def _crc_alone(n_weights: int, step_s: float, rows: int = 64) -> str:
@@ -269,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="add the mode nocrc_1e5 (recorder_1e5 without the crc32c checksum) and print its cost")
     ap.add_argument("--writer-cost", action="store_true",
                     help="add the modes nowrite_1e5 (recorder_1e5 whose writer drops its blocks) and "
-                         "idle_1e5 (its writer under SCHED_IDLE, Linux): what writing costs training")
+                         "nice_1e5 (its writer at nice 10 instead of SCHED_IDLE): what writing costs training")
     args = ap.parse_args(argv)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
@@ -308,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         recorders["nocrc_1e5"] = _NoChecksum(wl.model, root / "nocrc_1e5.zarr", sample=sample["recorder_1e5"],
                                              **common)
     if args.writer_cost:
-        for mode, cls in (("nowrite_1e5", _NoWrite), ("idle_1e5", _IdleWriter)):
+        for mode, cls in (("nowrite_1e5", _NoWrite), ("nice_1e5", _NiceWriter)):
             recorders[mode] = cls(wl.model, root / f"{mode}.zarr", sample=sample["recorder_1e5"], **common)
     naive = NaiveRecorder(wl.model, root / "naive.zarr", sample["recorder_1e5"])
     weights = {"none": 0, **{m: r.n_weights for m, r in recorders.items()},
@@ -433,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
               f"process CPU {(proc['recorder_1e5'] / proc['nocrc_1e5'] - 1) * 100:+.1f}% "
               f"(recorder_1e5 with crc32c vs nocrc_1e5 without)")
         print(_crc_alone(weights["recorder_1e5"], base))
+    print("writer: " + ", ".join(
+        f"{m} {'SCHED_IDLE' if r._writer_idle else 'nice 10'}"
+        + (" (fell behind: promoted to nice 10)" if r._writer_promoted.is_set() else "") for m, r in recorders.items()))
     print(pauses.summary())
     mb = sizes["recorder_1e5"] / 2**20
     raw = weights["recorder_1e5"] * 4 * rounds * block / 2**20

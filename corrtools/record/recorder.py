@@ -258,13 +258,23 @@ def _page_rows(rows: int, n_weights: int) -> int:
     return aligned if rows / 2 <= aligned <= 2 * rows else rows
 
 
-def _lower_priority(nice: int = 10) -> None:
-    """Lower the calling thread's CPU priority (Linux: nice is per thread), so that compression and
-    writing use the time training leaves idle and yield to it under contention. No-op elsewhere."""
+def _lower_priority(idle: bool = True, nice: int = 10) -> bool:
+    """Lower the calling thread's CPU priority so that compression and writing use the time training
+    leaves idle: ``SCHED_IDLE`` where ``idle`` and the platform has it (the thread runs only on a
+    core no other thread wants, and a waking training thread preempts it at once), else nice
+    ``nice`` (Linux: nice is per thread). Both are one-way for an unprivileged thread. Returns
+    whether the thread is now ``SCHED_IDLE``; a no-op returning False where neither exists."""
+    if idle and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+            return True
+        except OSError:  # pragma: no cover - refused (e.g. by a seccomp profile)
+            pass
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
         pass
+    return False
 
 
 def _stored_layout(path: Path | str) -> str:
@@ -457,6 +467,9 @@ class Recorder:
         self._current: _Block | None = None
         self._current_prev = self._last_row_step
         self._flushed_at = time.monotonic()
+        self._writer_idle = False  # the writer thread runs under SCHED_IDLE (set by that thread)
+        self._writer_promoted = threading.Event()  # an idle writer fell behind: a nice-10 one took over
+        self._writer_stopped = False  # a writer consumed the stop sentinel
         name = str(self.path).rstrip("/").rsplit("/", 1)[-1]
         self._thread = threading.Thread(target=self._write_loop, name=f"corrtools-writer:{name}", daemon=True)
         self._thread.start()
@@ -699,7 +712,13 @@ class Recorder:
             fits = min(fits, _MAX_ROW_VIEWS // views)
         return cs * max(1, fits)
 
+    _idle_writer = True  # the writer starts under SCHED_IDLE (False: nice 10 from the start)
+
     def _get_free(self) -> _Block:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:  # every block is with the writer: training would wait for it
+            self._promote_writer()
         while True:
             try:
                 return self._free.get(timeout=1.0)
@@ -739,13 +758,43 @@ class Recorder:
         self._flushed_at = time.monotonic()
 
     def _send(self, kind: str, payload: Any) -> None:
-        self._queue.put((kind, payload))
+        try:
+            self._queue.put_nowait((kind, payload))
+        except queue.Full:  # training would wait for the writer
+            self._promote_writer()
+            self._queue.put((kind, payload))
 
-    def _write_loop(self) -> None:
-        _lower_priority()
+    def _promote_writer(self) -> None:
+        """Training is about to wait for an idle-class writer (it got too little CPU, e.g. on a
+        machine whose cores other processes keep busy): hand writing to a new writer thread at nice
+        10 (an unprivileged thread cannot leave SCHED_IDLE; a new one inherits this thread's class).
+        The idle writer finishes the item it holds, then stops; the new one takes over after it, so
+        items stay in order. Once per Recorder."""
+        if not self._writer_idle or self._writer_promoted.is_set():
+            return
+        self._writer_promoted.set()
+        idle_writer = self._thread
+        self._thread = threading.Thread(target=self._write_loop, kwargs={"after": idle_writer},
+                                        name=idle_writer.name, daemon=True)
+        self._thread.start()
+
+    def _write_loop(self, after: threading.Thread | None = None) -> None:
+        """Write queued items in order until the stop sentinel. The first writer runs idle-class and
+        stops once promoted; a promoted one (``after``: the writer it replaces) runs at nice 10."""
+        if after is not None:
+            after.join()  # it finishes the item it holds: items stay in order
+            if self._writer_stopped:
+                return
+            _lower_priority(idle=False)
+        else:
+            self._writer_idle = _lower_priority(idle=self._idle_writer)
+        retire = after is None
         while True:
+            if retire and self._writer_promoted.is_set():
+                return
             item = self._queue.get()
             if item is None:
+                self._writer_stopped = True
                 self._queue.task_done()
                 return
             kind, payload = item
