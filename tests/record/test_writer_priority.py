@@ -26,6 +26,7 @@ def test_writer_runs_idle_class_while_it_keeps_up(tmp_path):
         rec.flush()  # the training thread waits: not a sign of a writer that falls behind
         assert rec._writer_idle
         assert os.sched_getscheduler(rec._thread.native_id) == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training thread keeps its class
         assert not rec._writer_promoted.is_set()
 
 
