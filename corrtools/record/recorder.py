@@ -10,7 +10,9 @@ of whole chunks (several chunks tall up to 16 MiB, see `_block_steps`; the first
 be shorter, to end on a chunk boundary) go through a bounded queue to one background thread that
 writes them with `RunWriter.write_block`, whole chunks without zarr's machinery (see
 ``record/_direct.py``), so training waits on compression and disk only when the writer falls more
-than the queue behind. Memory is a fixed ring of blocks, independent of run length. Nothing is
+than the queue behind. The writer runs under ``SCHED_IDLE`` (Linux; else nice 10), on cores
+training leaves idle; the first time training would wait for it, a nice-10 writer takes over
+(``_promote_writer``). Memory is a fixed ring of blocks, independent of run length. Nothing is
 written per step.
 
 Loss window. A block reaches disk when it is full, and in any case once ``flush_every`` seconds
