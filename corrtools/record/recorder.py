@@ -335,6 +335,7 @@ class Recorder:
 
     _stage_on_cpu = False  # tests set it to run the device-buffer path on CPU
     _checksum = True  # benchmarks/recorder_overhead.py --checksum-cost turns it off to measure it
+    _idle_writer = True  # the writer starts under SCHED_IDLE (--writer-cost's nice_1e5: nice 10)
 
     def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> Recorder:
         # ranks other than 0 of a data-parallel run record nothing and pay nothing
@@ -713,8 +714,6 @@ class Recorder:
         if 0 < views <= _MAX_ROW_VIEWS:  # (more: the views are made per row anyway)
             fits = min(fits, _MAX_ROW_VIEWS // views)
         return cs * max(1, fits)
-
-    _idle_writer = True  # the writer starts under SCHED_IDLE (False: nice 10 from the start)
 
     def _get_free(self) -> _Block:
         try:

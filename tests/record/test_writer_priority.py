@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_a_writer_that_falls_behind_is_replaced_and_every_row_arrives_in_order(t
     for _ in range(500):  # the writer thread sets its class as it starts
         if rec._writer_idle:
             break
-        threading.Event().wait(0.01)
+        time.sleep(0.01)
     copies, _ = _train(model, opt, 40, rec)
     assert rec.gate.is_set()  # training had to wait for the stalled writer
     assert rec._writer_promoted.is_set()
