@@ -62,6 +62,7 @@ machine's steal time per step (``/proc/stat``, 10 ms ticks): time the hypervisor
     python benchmarks/recorder_overhead.py --workload mlp
     python benchmarks/recorder_overhead.py --quick   # a tiny version in seconds (used by the tests)
     python benchmarks/recorder_overhead.py --checksum-cost   # also without the checksum
+    python benchmarks/recorder_overhead.py --save blocks.npz  # also every block, for offline analysis
 """
 from __future__ import annotations
 
@@ -268,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--writer-cost", action="store_true",
                     help="add the modes nowrite_1e5 (recorder_1e5 whose writer drops its blocks) and "
                          "nice_1e5 (its writer at nice 10 instead of SCHED_IDLE): what writing costs training")
+    ap.add_argument("--save", type=Path, default=None, metavar="FILE.npz",
+                    help="also save every block in the order measured (mode, s per step, process CPU and steal per "
+                         "step, start time) and each recorder's hook times, for offline analysis")
     args = ap.parse_args(argv)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
@@ -321,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     steal: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}  # machine's steal per step
 
     sequence: list[tuple[str, float]] = []  # (mode, s per step) in the order measured, naive's part last
+    starts: list[float] = []  # per entry of `sequence`: its start, s from the first block
     waits: dict[str, list[tuple[float, float]]] = {m: [] for m in recorders}  # per block: (wall, writer CPU) s
     walls: list[tuple[int, float]] = []  # (position in sequence, wait wall - writer CPU) s
 
@@ -354,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu[mode].append((time.process_time() - c0) / block)
         steal[mode].append((_steal_s() - s0) / block)
         sequence.append((mode, times[mode][-1]))
+        starts.append(t0)
 
     slots = modes[1:]
     measure("none")
@@ -376,6 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {m: sum(f.stat().st_size for f in (root / f"{m}.zarr").rglob("*") if f.is_file())
              for m in recorders}
     tmp.cleanup()
+    if args.save is not None:
+        counts = {m: 0 for m in cpu}
+        per_block: list[tuple[float, float]] = []  # (process CPU, steal) per step, in the order measured
+        for mode, _ in sequence:
+            per_block.append((cpu[mode][counts[mode]], steal[mode][counts[mode]]))
+            counts[mode] += 1
+        np.savez(args.save, mode=np.array([m for m, _ in sequence]), step_s=np.array([t for _, t in sequence]),
+                 cpu_s=np.array([c for c, _ in per_block]), steal_s=np.array([s for _, s in per_block]),
+                 start_s=np.array(starts) - starts[0], n_main=n_main, block=block,
+                 **{f"hook_s_{m}": np.array(r.hook_s) for m, r in recorders.items()})
 
     # per block: its time over the mean of its neighbouring no-recorder blocks (cancels drift)
     ratio = {m: np.array([t / (sequence[i - 1][1] + sequence[i + 1][1]) * 2

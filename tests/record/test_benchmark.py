@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,3 +67,30 @@ def test_recorder_overhead_quick_prints_table(workload):
                      r"[\d.]+ ms \(generation [012], \w+\); ms per mode: )", out.stdout)
     assert re.search(r"resolution: none_check \(no recorder, measured like the others\) [+-][\d.]+% "
                      r"\[[+-][\d.]+, [+-][\d.]+\]", out.stdout)
+
+
+def test_recorder_overhead_save_reproduces_the_printed_overheads(tmp_path):
+    """--save keeps every block in the order measured: the printed overheads and hook medians follow
+    from the saved blocks alone (each block over the mean of its two no-recorder neighbours)."""
+    saved = tmp_path / "blocks.npz"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "recorder_overhead.py"), "--quick", "--workload", "mlp",
+         "--save", str(saved)],
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    d = np.load(saved)
+    mode, step_s, n_main = d["mode"], d["step_s"], int(d["n_main"])
+    assert len(mode) == len(step_s) == len(d["cpu_s"]) == len(d["steal_s"]) == len(d["start_s"])
+    assert np.all(np.diff(d["start_s"]) > 0) and np.all(step_s > 0)
+    assert all(mode[i] == "none" for i in range(0, n_main, 2))  # every measured block between two nones
+    for m in ("none_check", "recorder_1e4", "recorder_1e5"):
+        i = np.flatnonzero(mode[:n_main] == m)
+        mine = np.mean(step_s[i] / ((step_s[i - 1] + step_s[i + 1]) / 2)) - 1
+        printed = re.search(rf"^{m}\s+\d+\s+[\d.]+\s+([+-][\d.]+)%", out.stdout, re.M)
+        assert printed, m
+        assert mine * 100 == pytest.approx(float(printed.group(1)), abs=0.051)
+    for m in ("recorder_1e4", "recorder_1e5"):
+        hook_us = int(re.search(rf"^{m}\s+\d+\s+.*?(\d+)\s+(\d+)\s+(\d+)$", out.stdout, re.M).group(1))
+        assert len(d[f"hook_s_{m}"]) == 2 * 10  # quick: 2 rounds x 10 steps
+        assert abs(np.median(d[f"hook_s_{m}"]) * 1e6 - hook_us) <= 0.5
