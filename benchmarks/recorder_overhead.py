@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     steal: dict[str, list[float]] = {m: [] for m in [*modes, "naive_1e5"]}  # machine's steal per step
 
     sequence: list[tuple[str, float]] = []  # (mode, s per step) in the order measured, naive's part last
-    starts: list[float] = []  # per entry of `sequence`: its start, s from the first block
+    block_log: list[tuple[float, float, float]] = []  # per entry of `sequence`: (start s, CPU s and steal s per step)
     waits: dict[str, list[tuple[float, float]]] = {m: [] for m in recorders}  # per block: (wall, writer CPU) s
     walls: list[tuple[int, float]] = []  # (position in sequence, wait wall - writer CPU) s
 
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu[mode].append((time.process_time() - c0) / block)
         steal[mode].append((_steal_s() - s0) / block)
         sequence.append((mode, times[mode][-1]))
-        starts.append(t0)
+        block_log.append((t0, cpu[mode][-1], steal[mode][-1]))
 
     slots = modes[1:]
     measure("none")
@@ -383,14 +383,9 @@ def main(argv: list[str] | None = None) -> int:
              for m in recorders}
     tmp.cleanup()
     if args.save is not None:
-        counts = {m: 0 for m in cpu}
-        per_block: list[tuple[float, float]] = []  # (process CPU, steal) per step, in the order measured
-        for mode, _ in sequence:
-            per_block.append((cpu[mode][counts[mode]], steal[mode][counts[mode]]))
-            counts[mode] += 1
+        start, cpu_s, steal_s = np.array(block_log).T
         np.savez(args.save, mode=np.array([m for m, _ in sequence]), step_s=np.array([t for _, t in sequence]),
-                 cpu_s=np.array([c for c, _ in per_block]), steal_s=np.array([s for _, s in per_block]),
-                 start_s=np.array(starts) - starts[0], n_main=n_main, block=block,
+                 cpu_s=cpu_s, steal_s=steal_s, start_s=start - start[0], n_main=n_main, block=block,
                  **{f"hook_s_{m}": np.array(r.hook_s) for m, r in recorders.items()})
 
     # per block: its time over the mean of its neighbouring no-recorder blocks (cancels drift)
