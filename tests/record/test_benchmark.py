@@ -1,6 +1,7 @@
 """benchmarks/recorder_overhead.py --quick runs and prints a parseable table, for both workloads."""
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -67,6 +68,18 @@ def test_recorder_overhead_quick_prints_table(workload):
                      r"[\d.]+ ms \(generation [012], \w+\); ms per mode: )", out.stdout)
     assert re.search(r"resolution: none_check \(no recorder, measured like the others\) [+-][\d.]+% "
                      r"\[[+-][\d.]+, [+-][\d.]+\]", out.stdout)
+    assert re.search(r"spill onto the next no-recorder block \(least squares over every block, none_check's spill "
+                     r"= 0\): after recorder_1e4 [+-][\d.]+% \[[+-][\d.]+, [+-][\d.]+\], after recorder_1e5 "
+                     r"[+-][\d.]+% \[[+-][\d.]+, [+-][\d.]+\]; none_check's own [+-][\d.]+% \(should read 0\)",
+                     out.stdout)
+    charged = re.search(r"overhead with the spill charged \(own \+ spill; a wider interval\): recorder_1e4 "
+                        r"([+-][\d.]+)% \[([+-][\d.]+), ([+-][\d.]+)\], recorder_1e5 ([+-][\d.]+)% "
+                        r"\[([+-][\d.]+), ([+-][\d.]+)\]", out.stdout)
+    assert charged
+    for g in (1, 4):  # nothing about the quick run's size forces the estimate inside its interval, but a
+        # bootstrap interval far from its estimate would mean the resampling is wrong
+        est, lo, hi = (float(charged.group(g + i)) for i in range(3))
+        assert lo <= hi and lo - 5 <= est <= hi + 5
 
 
 def test_recorder_overhead_save_reproduces_the_printed_overheads(tmp_path):
@@ -94,3 +107,46 @@ def test_recorder_overhead_save_reproduces_the_printed_overheads(tmp_path):
         hook_us = int(re.search(rf"^{m}\s+\d+\s+.*?(\d+)\s+(\d+)\s+(\d+)$", out.stdout, re.M).group(1))
         assert len(d[f"hook_s_{m}"]) == 2 * 10  # quick: 2 rounds x 10 steps
         assert abs(np.median(d[f"hook_s_{m}"]) * 1e6 - hook_us) <= 0.5
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("recorder_overhead", REPO / "benchmarks" / "recorder_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spill_fit_recovers_known_own_and_spill_costs_where_the_neighbour_ratio_does_not():
+    """A synthetic run in the benchmark's order (rotated rounds, every measured block between two
+    no-recorder blocks) with known costs: a block's own excess, and an excess of the no-recorder block
+    right after it (the spill), on a drifting, noisy step time. The least-squares fit recovers both;
+    the neighbour ratio reads the 10^5 mode low by more than its spill."""
+    bench = _benchmark_module()
+    slots = ["none_check", "recorder_1e4", "recorder_1e5"]
+    own = {"none_check": 0.0, "recorder_1e4": 0.005, "recorder_1e5": 0.02}
+    spill = {"none_check": 0.0, "recorder_1e4": 0.001, "recorder_1e5": 0.006}
+    mode = ["none"]
+    for r in range(400):
+        for m in slots[r % 3:] + slots[: r % 3]:
+            mode += [m, "none"]
+    rng = np.random.default_rng(1)
+    n = len(mode)
+    y = np.cumsum(rng.normal(0, 0.003, n)) + 0.1 * np.sin(np.arange(n) / 50) + rng.normal(0, 0.002, n)
+    for i, m in enumerate(mode):
+        if m != "none":
+            y[i] += own[m]
+        elif mode[i - 1] != "none":
+            y[i] += spill[mode[i - 1]]
+    step_s = 0.014 * np.exp(y)
+    est, ci_total, ci_spill = bench.spill_fit(mode, step_s, slots, group=6, n_boot=200)
+    for m in slots:
+        assert est[m][0] == pytest.approx(own[m], abs=0.001), m
+        assert est[m][1] == pytest.approx(spill[m], abs=0.001), m
+        assert est[m][2] == pytest.approx(own[m] + spill[m], abs=0.0015), m
+        assert ci_total[m][0] <= own[m] + spill[m] <= ci_total[m][1], m
+    assert est["none_check"][1] == 0.0 and ci_spill["none_check"] == (0.0, 0.0)  # the reference
+    assert ci_spill["recorder_1e5"][0] > 0.003  # a spill of 0.6% is resolved
+    i = np.array([j for j, m in enumerate(mode) if m == "recorder_1e5"])
+    neighbour = np.mean(step_s[i] / ((step_s[i - 1] + step_s[i + 1]) / 2)) - 1
+    # below even the own excess: the spill is not charged, and half of it sits in the denominator
+    assert neighbour < own["recorder_1e5"] - spill["recorder_1e5"] / 4
