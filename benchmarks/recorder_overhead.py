@@ -15,17 +15,14 @@ split evenly over its three matrices (~3,300 / ~34,000 each). Modes:
                   ``zarr`` append of that row (same chunks and codec as the run store)
 
 Each recorder keeps one store open for the whole benchmark and is attached only during its own
-blocks; at the end of a block the benchmark keeps training, untimed and unrecorded, until the
-recorder's writer thread has written every block handed to it, so background writing is charged to
-the mode that caused it: the block is charged the writer thread's CPU time meanwhile, not that wall
-time, which is mostly the disk's latency (11-27 ms after a 10^5-weight block) that a continuous run
-never waits for (the queue holds two blocks), while the writer's CPU would be taken from training.
-Training on instead of waiting matters on this VM: up to issue 9's twelfth pass the benchmark
-waited idle, and any idle moment (even a 1 ms sleep) slowed the next 20-step block by 2.5-4.4%, so
-the no-recorder block after a 10^5 block (whose writer wait was ~5 ms) ran slow and the neighbour
-ratio read that mode low. A ``writer drain`` line per recorder prints the untimed steps and the
-charged CPU. (Up to the fifth pass the wait's wall time was charged, 0.85% of a step at 10^5
-weights in one run for waits a run does not make.) Every measured block sits between two
+blocks; at the end of a block the benchmark waits until the recorder's writer thread has written
+every block handed to it, so background writing is charged to the mode that caused it: the block
+is charged the writer thread's CPU time during that wait, not the wait's wall time. That wall time
+is mostly the disk's latency (11-27 ms after a 10^5-weight block), which a continuous run never
+waits for (the queue holds two blocks), while the writer's CPU would be taken from training. A
+``writer wait`` line per recorder prints both, and the overhead with the wall time charged instead
+(the estimator up to issue 9's fifth pass, which charged 0.85% of a step at 10^5 weights in one
+run for waits a run does not make). Every measured block sits between two
 no-recorder blocks; a round measures each mode once, in rotated order. A block's overhead is its
 time over the mean of its two neighbours, minus 1; a mode's overhead is the mean over its blocks,
 printed with a 95% bootstrap interval over them. Interpolating between neighbours cancels the
@@ -44,13 +41,12 @@ timers attribute to the recorder, with far less noise than the step ratio (on a 
 are busy with training, the writer's CPU time is taken from training); the measured overhead
 differing from it by more than the resolution points at costs the timers do not see.
 
-A recorder block could still slow the no-recorder block after it (the spill). The neighbour ratio
-neither charges that time nor keeps it out of its denominator, so it would read such a mode low by
-about 1.5 times the spill. The ``spill`` line fits, by least squares over every block
-(`spill_fit`), each mode's own excess and its spill onto the next block; ``overhead with the spill
-charged`` prints their sum with a bootstrap interval, about twice as wide as the neighbour ratio's.
-With the idle wait the spill after a 10^5 block read +0.1..+1.5% of a step; with the drain it
-should read 0 within its interval.
+A recorder block can also slow the no-recorder block after it (issue 9's twelfth pass: after a 10^5
+block, by 0.1-0.7% of a step on this VM, likely the host's side of its writes). The neighbour ratio
+neither charges that time nor keeps it out of its denominator, so it reads such a mode low by about
+1.5 times the spill. The ``spill`` line fits, by least squares over every block (`spill_fit`), each
+mode's own excess and its spill onto the next block, and ``overhead with the spill charged`` prints
+their sum with a bootstrap interval. That interval is about twice as wide as the neighbour ratio's.
 
 After set-up the benchmark freezes the garbage collector's heap (``gc.collect(); gc.freeze()``):
 a full collection of the set-up objects paused this process for 100-160 ms, once or twice per
@@ -387,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     sequence: list[tuple[str, float]] = []  # (mode, s per step) in the order measured, naive's part last
     block_log: list[tuple[float, float, float]] = []  # per entry of `sequence`: (start s, CPU s and steal s per step)
     waits: dict[str, list[tuple[float, float]]] = {m: [] for m in recorders}  # per block: (wall, writer CPU) s
-    drained = {m: 0 for m in recorders}  # untimed training steps while the writer finished a block
+    walls: list[tuple[int, float]] = []  # (position in sequence, wait wall - writer CPU) s
 
     def measure(mode: str) -> None:
         rec = recorders.get(mode)
@@ -406,16 +402,11 @@ def main(argv: list[str] | None = None) -> int:
             # mostly the disk's latency: a continuous run never waits for it)
             clock = time.pthread_getcpuclockid(rec._thread.ident)
             t1, w0 = time.perf_counter(), time.clock_gettime(clock)
-            # ... while training on, untimed and unrecorded: an idle wait here (the estimator up to
-            # issue 9's twelfth pass) slowed the next no-recorder block on this VM, by 2.5-4.4% of
-            # a block after a mere 1-5 ms sleep, so the neighbour ratio read the 10^5 mode low
-            while rec._queue.unfinished_tasks:
-                wl.train_step()
-                drained[mode] += 1
-            rec._wait_writer()  # returns at once now; raises the writer's error, if any
+            rec._wait_writer()
             wait_s = time.clock_gettime(clock) - w0
             waits[mode].append((time.perf_counter() - t1, wait_s))
             t_end = t1
+            walls.append((len(sequence), waits[mode][-1][0] - wait_s))
         if mode == "naive_1e5":
             os.sync()  # and the page cache's writeback of the naive appends to the naive blocks
         if rec is None:
@@ -456,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     # per block: its time over the mean of its neighbouring no-recorder blocks (cancels drift)
     ratio = {m: np.array([t / (sequence[i - 1][1] + sequence[i + 1][1]) * 2
                           for i, (mode, t) in enumerate(sequence[:n_main]) if mode == m]) for m in slots}
+    # the estimator before issue 9's sixth pass: the wait's whole wall time charged to the block
+    seq_wall = [list(x) for x in sequence[:n_main]]
+    for i, extra in walls:
+        seq_wall[i][1] += extra / block
+    ratio_wall = {m: np.array([t / (seq_wall[i - 1][1] + seq_wall[i + 1][1]) * 2
+                               for i, (mode, t) in enumerate(seq_wall) if mode == m]) for m in recorders}
     none_naive = np.array(times["none"][-naive_rounds:])  # naive: paired with its own no-recorder blocks
     ratio["naive_1e5"] = np.array(times["naive_1e5"]) / none_naive
     over = {m: float(v.mean() - 1) for m, v in ratio.items()}
@@ -502,9 +499,9 @@ def main(argv: list[str] | None = None) -> int:
               f"no-recorder step (measured: {over[m] * 100:.1f}%)")
     for m in recorders:
         w = np.array(waits[m]) * 1e3
-        print(f"writer drain {m}: {drained[m]} untimed training steps in all ({w[:, 0].mean():.2f} ms wall per "
-              f"block, max {w[:, 0].max():.2f}) until the writer had written every block handed to it; its CPU "
-              f"then, {w[:, 1].mean():.2f} ms per block, charged")
+        print(f"writer wait {m}: {w[:, 0].mean():.2f} ms wall per block (max {w[:, 0].max():.2f}), of which "
+              f"{w[:, 1].mean():.2f} ms writer CPU (charged); with the wall time charged instead (the "
+              f"estimator before issue 9's sixth pass): {(ratio_wall[m].mean() - 1) * 100:.1f}%")
     if args.checksum_cost:
         print(f"checksum cost at 1e5: step {(over['recorder_1e5'] - over['nocrc_1e5']) * 100:+.1f}% of a step, "
               f"process CPU {(proc['recorder_1e5'] / proc['nocrc_1e5'] - 1) * 100:+.1f}% "
