@@ -41,12 +41,17 @@ timers attribute to the recorder, with far less noise than the step ratio (on a 
 are busy with training, the writer's CPU time is taken from training); the measured overhead
 differing from it by more than the resolution points at costs the timers do not see.
 
-A recorder block can also slow the no-recorder block after it (issue 9's twelfth pass: after a 10^5
-block, by 0.1-0.7% of a step on this VM, likely the host's side of its writes). The neighbour ratio
-neither charges that time nor keeps it out of its denominator, so it reads such a mode low by about
-1.5 times the spill. The ``spill`` line fits, by least squares over every block (`spill_fit`), each
+A recorder block can also slow the no-recorder block after it (the spill): after a 10^5 block by
+0.1-1.5% of a step on this VM (issue 9's twelfth pass). The likely cause is the idle wait for the
+writer above: on this VM any idle moment, even a 1 ms sleep, slows the next ~30 steps (the next
+20-step block by 2.5-5%), and a 10^5 block's wait averages ~5 ms. The neighbour ratio neither
+charges the spill nor keeps it out of its denominator, so it reads such a mode low by about 1.5
+times the spill. The ``spill`` line fits, by least squares over every block (`spill_fit`), each
 mode's own excess and its spill onto the next block, and ``overhead with the spill charged`` prints
-their sum with a bootstrap interval. That interval is about twice as wide as the neighbour ratio's.
+their sum with a bootstrap interval, about twice as wide as the neighbour ratio's. If the spill is
+the wait's, the own excess is the better estimate of a continuous run's cost and the sum errs high; training on
+through the wait instead (tried in that pass) starved the ``SCHED_IDLE`` writer for ~0.7 s per
+block and widened the intervals.
 
 After set-up the benchmark freezes the garbage collector's heap (``gc.collect(); gc.freeze()``):
 a full collection of the set-up objects paused this process for 100-160 ms, once or twice per
