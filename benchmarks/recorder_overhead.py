@@ -42,16 +42,17 @@ are busy with training, the writer's CPU time is taken from training); the measu
 differing from it by more than the resolution points at costs the timers do not see.
 
 A recorder block can also slow the no-recorder block after it (the spill): after a 10^5 block by
-0.1-1.5% of a step on this VM (issue 9's twelfth pass). The likely cause is the idle wait for the
-writer above: on this VM any idle moment, even a 1 ms sleep, slows the next ~30 steps (the next
-20-step block by 2.5-5%), and a 10^5 block's wait averages ~5 ms. The neighbour ratio neither
-charges the spill nor keeps it out of its denominator, so it reads such a mode low by about 1.5
-times the spill. The ``spill`` line fits, by least squares over every block (`spill_fit`), each
-mode's own excess and its spill onto the next block, and ``overhead with the spill charged`` prints
-their sum with a bootstrap interval, about twice as wide as the neighbour ratio's. If the spill is
-the wait's, the own excess is the better estimate of a continuous run's cost and the sum errs high; training on
-through the wait instead (tried in that pass) starved the ``SCHED_IDLE`` writer for ~0.7 s per
-block and widened the intervals.
+0.1-1.5% of a step on this VM (issue 9's twelfth pass). It shows whenever training pauses at the
+end of a recorder block while the writer finishes, blocking (the default) or spinning
+(``--spin-wait``; the spill stayed). On this VM any pause, even a 1 ms sleep, slows the next ~30
+steps (the next 20-step block by 2.5-5%), and a 10^5 block's wait averages ~5 ms. A continuous
+run never pauses for the writer, so the spill is most likely the benchmark's; training on through
+the wait instead (tried in that pass) starved the ``SCHED_IDLE`` writer for ~0.7 s per block and
+was inconclusive. The neighbour ratio neither charges the spill nor keeps it out of its
+denominator, so it reads such a mode low by about 1.5 times the spill. The ``spill`` line fits, by
+least squares over every block (`spill_fit`), each mode's own excess and its spill onto the next
+block, and ``overhead with the spill charged`` prints their sum with a bootstrap interval, about
+twice as wide as the neighbour ratio's, and high if the spill is the benchmark's.
 
 After set-up the benchmark freezes the garbage collector's heap (``gc.collect(); gc.freeze()``):
 a full collection of the set-up objects paused this process for 100-160 ms, once or twice per
@@ -330,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--writer-cost", action="store_true",
                     help="add the modes nowrite_1e5 (recorder_1e5 whose writer drops its blocks) and "
                          "nice_1e5 (its writer at nice 10 instead of SCHED_IDLE): what writing costs training")
+    ap.add_argument("--spin-wait", action="store_true",
+                    help="wait for the writer at block ends by spinning instead of blocking (a diagnostic: on this "
+                         "VM an idle moment slows the next ~30 steps; spinning did not remove the spill)")
     ap.add_argument("--save", type=Path, default=None, metavar="FILE.npz",
                     help="also save every block in the order measured (mode, s per step, process CPU and steal per "
                          "step, start time) and each recorder's hook times, for offline analysis")
@@ -407,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             # mostly the disk's latency: a continuous run never waits for it)
             clock = time.pthread_getcpuclockid(rec._thread.ident)
             t1, w0 = time.perf_counter(), time.clock_gettime(clock)
+            if args.spin_wait:  # wait without going idle (time.sleep(0) only lets the writer have the GIL)
+                while rec._queue.unfinished_tasks:
+                    time.sleep(0)
             rec._wait_writer()
             wait_s = time.clock_gettime(clock) - w0
             waits[mode].append((time.perf_counter() - t1, wait_s))
