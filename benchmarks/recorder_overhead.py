@@ -290,10 +290,10 @@ def spill_fit(mode: list[str], step_s: np.ndarray, measured: list[str], group: i
     boot = np.array([solve(np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]))
                      for _ in range(n_boot)])
     ci = lambda v: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975)))  # noqa: E731
-    total = {m: (float(c[j]), float(c[k + j]), float(c[j] + c[k + j])) for m, j in col.items()}
+    estimates = {m: (float(c[j]), float(c[k + j]), float(c[j] + c[k + j])) for m, j in col.items()}
     interval_total = {m: ci(boot[:, j] + boot[:, k + j]) for m, j in col.items()}
     interval_spill = {m: ci(boot[:, k + j]) for m, j in col.items()}
-    return total, interval_total, interval_spill
+    return estimates, interval_total, interval_spill
 
 
 def _matrices(model: torch.nn.Module) -> list[torch.Tensor]:
