@@ -334,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spin-wait", action="store_true",
                     help="wait for the writer at block ends by spinning instead of blocking (a diagnostic: on this "
                          "VM an idle moment slows the next ~30 steps; spinning did not remove the spill)")
+    ap.add_argument("--settle", type=float, default=0.0, metavar="MS",
+                    help="end every block, with or without a recorder, with the same pause of MS ms (a recorder "
+                         "block's wait for its writer inside it), so that every block starts after the same pause: "
+                         "on this VM a pause slows the next ~30 steps, and only recorder blocks paused before")
     ap.add_argument("--save", type=Path, default=None, metavar="FILE.npz",
                     help="also save every block in the order measured (mode, s per step, process CPU and steal per "
                          "step, start time) and each recorder's hook times, for offline analysis")
@@ -393,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     block_log: list[tuple[float, float, float]] = []  # per entry of `sequence`: (start s, CPU s and steal s per step)
     waits: dict[str, list[tuple[float, float]]] = {m: [] for m in recorders}  # per block: (wall, writer CPU) s
     walls: list[tuple[int, float]] = []  # (position in sequence, wait wall - writer CPU) s
+    overrun: list[float] = []  # --settle: how far each block's wait ran past the pause, s
 
     def measure(mode: str) -> None:
         rec = recorders.get(mode)
@@ -423,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
             os.sync()  # and the page cache's writeback of the naive appends to the naive blocks
         if rec is None:
             t_end = time.perf_counter()
+        if args.settle:  # the same pause after every block, counted from the end of its steps
+            late = time.perf_counter() - t_end - args.settle / 1e3
+            overrun.append(max(late, 0.0))
+            if late < 0:
+                time.sleep(-late)
         times[mode].append((t_end - t0 + wait_s) / block)
         cpu[mode].append((time.process_time() - c0) / block)
         steal[mode].append((_steal_s() - s0) / block)
@@ -522,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     print("writer: " + ", ".join(
         f"{m} {'SCHED_IDLE' if r._writer_idle else 'nice 10'}"
         + (" (fell behind: promoted to nice 10)" if r._writer_promoted.is_set() else "") for m, r in recorders.items()))
+    if args.settle:
+        late = np.array(overrun)
+        print(f"settle: every block ended with a {args.settle:g} ms pause; {int((late > 0).sum())} of {late.size} "
+              f"waits ran past it (max by {late.max() * 1e3:.1f} ms)")
     print(pauses.summary())
     mb = sizes["recorder_1e5"] / 2**20
     raw = weights["recorder_1e5"] * 4 * rounds * block / 2**20

@@ -109,6 +109,28 @@ def test_recorder_overhead_save_reproduces_the_printed_overheads(tmp_path):
         assert abs(np.median(d[f"hook_s_{m}"]) * 1e6 - hook_us) <= 0.5
 
 
+def test_recorder_overhead_settle_pauses_after_every_block(tmp_path):
+    """--settle MS ends every block, with or without a recorder, with the same pause of at least MS ms,
+    counted from the end of the block's steps; the pause is not charged to the block."""
+    saved = tmp_path / "blocks.npz"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "recorder_overhead.py"), "--quick", "--workload", "mlp",
+         "--settle", "60", "--save", str(saved)],
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    m = re.search(r"settle: every block ended with a 60 ms pause; (\d+) of (\d+) waits ran past it "
+                  r"\(max by ([\d.]+) ms\)", out.stdout)
+    assert m
+    d = np.load(saved)
+    start, step_s, block = d["start_s"], d["step_s"], int(d["block"])
+    assert int(m.group(2)) == len(start)
+    # from one block's start to the next: its steps (its printed time, which may include up to a
+    # few ms of writer CPU in the quick run) and then the pause, which is not in the block's time
+    gap = np.diff(start) - step_s[:-1] * block
+    assert np.all(gap >= 0.060 - 0.005), gap.min()
+
+
 def _benchmark_module():
     spec = importlib.util.spec_from_file_location("recorder_overhead", REPO / "benchmarks" / "recorder_overhead.py")
     module = importlib.util.module_from_spec(spec)
