@@ -52,7 +52,10 @@ was inconclusive. The neighbour ratio neither charges the spill nor keeps it out
 denominator, so it reads such a mode low by about 1.5 times the spill. The ``spill`` line fits, by
 least squares over every block (`spill_fit`), each mode's own excess and its spill onto the next
 block, and ``overhead with the spill charged`` prints their sum with a bootstrap interval, about
-twice as wide as the neighbour ratio's, and high if the spill is the benchmark's.
+twice as wide as the neighbour ratio's. ``--settle MS`` ends every block, with or without a
+recorder, with the same pause: on an AMD EPYC VM (issue 9's thirteenth pass) the spill stayed, so it
+is more likely a real after-effect of writing than the benchmark's pause, and the charged figure the
+safer one.
 
 After set-up the benchmark freezes the garbage collector's heap (``gc.collect(); gc.freeze()``):
 a full collection of the set-up objects paused this process for 100-160 ms, once or twice per
