@@ -142,12 +142,13 @@ class _Piece:
     keeps the per-step Python work to one torch call per piece: the hook runs right after the
     optimizer step, when every extra call pays for cold caches."""
 
-    __slots__ = ("param", "idx", "run", "start", "stop", "_ptr", "_dtype", "_src", "_f32", "_dtensor")
+    __slots__ = ("param", "idx", "run", "start", "stop", "_ptr", "_dtype", "_src", "_f32", "_dtensor", "_strided")
 
     def __init__(self, param: nn.Parameter, idx: torch.Tensor | slice, run: int, start: int, stop: int) -> None:
         self.param, self.idx, self.run, self.start, self.stop = param, idx, run, start, stop
         self._ptr, self._dtype, self._src, self._f32 = -1, None, torch.empty(0), True
         self._dtensor = _is_dtensor(param)
+        self._strided = isinstance(idx, slice)
 
     def source(self) -> torch.Tensor:
         """(numel // run, run) -- or (numel,) for run 1 -- detached view of the (local) parameter;
@@ -172,8 +173,12 @@ class _Piece:
 
     def gather_into(self, out: torch.Tensor) -> None:
         """out (k,) -- or (k, run) for runs -- float32 <- p.flatten()[i] for the sampled i, in column order."""
-        src = self.source()
-        if isinstance(self.idx, slice):
+        p = self.param
+        if self._dtensor or p.data_ptr() != self._ptr or p.dtype is not self._dtype:
+            src = self.source()
+        else:  # the hot path inlines source()'s check: right after an optimizer step each call is cold
+            src = self._src
+        if self._strided:
             out.copy_(src)  # a strided view: prefetchable, and copy_ is warm after a training step
         elif self._f32:
             torch.index_select(src, 0, self.idx, out=out)
@@ -469,7 +474,7 @@ class Recorder:
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=queue_blocks)
         self._current: _Block | None = None
         self._current_prev = self._last_row_step
-        self._flushed_at = time.monotonic()
+        self._flush_due = self._deadline()
         self._writer_idle = False  # the writer thread runs under SCHED_IDLE (set by that thread)
         self._writer_promoted = threading.Event()  # an idle writer fell behind: a nice-10 one took over
         self._writer_stopped = False  # a writer consumed the stop sentinel
@@ -630,16 +635,42 @@ class Recorder:
 
     # --------------------------------------------------------------------- the hot path
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._raise_if_failed()
-        self.step += 1
-        if self.step % self.every == 0:
-            lr = optimizer.param_groups[0].get("lr", math.nan)
-            self._take_row(self.step, lr=float(lr))
+        # the hot path: it runs right after the optimizer step, when caches are cold and every
+        # attribute, call and branch costs (~0.3-3 us each on a 2-core VM, issue 9's fourteenth pass)
+        if self._error is not None:
+            self._raise_if_failed()
+        step = self.step = self.step + 1
+        if step % self.every == 0:
+            self._take_row(step, optimizer.param_groups[0].get("lr", math.nan))
 
-    def _take_row(self, step: int, lr: float) -> None:
+    def _take_row(self, step: int, lr: float | torch.Tensor) -> None:
         cur = self._current
-        if (self._flush_every is not None and cur is not None and cur.k > cur.flushed
-                and time.monotonic() - self._flushed_at >= self._flush_every):
+        if cur is None or cur.k == cur.cap or time.monotonic() >= self._flush_due:
+            cur = self._block_for_row(cur)
+        i = cur.k
+        for g, dst in zip(self._groups, cur.dst):
+            if g.staging is None:  # CPU: straight into the host row
+                for piece, out in zip(g.entries, dst[i]):
+                    piece.gather_into(out)
+            else:
+                for piece, view in zip(g.entries, g.staging_views):
+                    piece.gather_into(view)
+                dst[0].select(0, i).copy_(g.staging, non_blocking=True)
+        cur.steps[i] = step
+        cur.lr[i] = float(lr)
+        if self._pending_n:
+            cur.loss_sum[i] += self._pending_sum
+            cur.loss_n[i] += self._pending_n
+            self._pending_sum, self._pending_n = 0.0, 0
+        cur.k = i + 1
+        self._next_row += 1
+        self._last_row_step = step
+
+    def _block_for_row(self, cur: _Block | None) -> _Block:
+        """The block the next row goes into: hands the rows taken so far to the writer when
+        ``flush_every`` seconds have passed, a full block when the next row needs room, and starts
+        a new block."""
+        if cur is not None and cur.k > cur.flushed and time.monotonic() >= self._flush_due:
             self._flush(cur)  # the rows taken so far: every `log` for them has been made
         if cur is not None and cur.k == cur.cap:
             # a full block is handed over only when the next row needs room, so that `log` can
@@ -652,24 +683,12 @@ class Recorder:
             # blocks end on chunk boundaries (after a resume the first one may be shorter), so
             # that the writer writes whole chunks
             cur.cap = self.block_steps - self._next_row % self.chunk_steps
-        i = cur.k
-        for g, dst in zip(self._groups, cur.dst):
-            if g.staging is None:  # CPU: straight into the host row
-                for piece, out in zip(g.entries, dst[i]):
-                    piece.gather_into(out)
-            else:
-                for piece, view in zip(g.entries, g.staging_views):
-                    piece.gather_into(view)
-                dst[0].select(0, i).copy_(g.staging, non_blocking=True)
-        cur.steps[i] = step
-        cur.lr[i] = lr
-        if self._pending_n:
-            cur.loss_sum[i] += self._pending_sum
-            cur.loss_n[i] += self._pending_n
-            self._pending_sum, self._pending_n = 0.0, 0
-        cur.k = i + 1
-        self._next_row += 1
-        self._last_row_step = step
+        return cur
+
+    def _deadline(self) -> float:
+        """`time.monotonic` time from which the rows taken are handed to the writer (``flush_every``
+        seconds from now; inf without one)."""
+        return math.inf if self._flush_every is None else time.monotonic() + self._flush_every
 
     def _pending_add(self, loss: float | torch.Tensor) -> None:
         self._pending_sum += float(loss)
@@ -749,14 +768,14 @@ class Recorder:
         block.event = self._event()
         self._send("block", block)
         self._current = None
-        self._flushed_at = time.monotonic()
+        self._flush_due = self._deadline()
 
     def _flush(self, block: _Block) -> None:
         """Hand rows [flushed, k) of the block being filled to the writer; the block stays current."""
         self._stamp_z(block)
         self._send("rows", (block, block.flushed, block.k, self._event()))
         block.flushed = block.k
-        self._flushed_at = time.monotonic()
+        self._flush_due = self._deadline()
 
     def _send(self, kind: str, payload: Any) -> None:
         try:
