@@ -13,13 +13,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("workload", ["charlm", "mlp"])
-def test_recorder_overhead_quick_prints_table(workload):
+def _run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    """benchmarks/recorder_overhead.py --quick ARGS in a clean environment; its exit status must be 0."""
     out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "recorder_overhead.py"), "--quick", "--workload", workload],
+        [sys.executable, str(REPO / "benchmarks" / "recorder_overhead.py"), "--quick", *args],
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
+    return out
+
+
+@pytest.mark.parametrize("workload", ["charlm", "mlp"])
+def test_recorder_overhead_quick_prints_table(workload):
+    out = _run_benchmark("--workload", workload)
     rows = dict()
     num = r"(-?[\d.]+)"
     for line in out.stdout.splitlines():
@@ -86,12 +92,7 @@ def test_recorder_overhead_save_reproduces_the_printed_overheads(tmp_path):
     """--save keeps every block in the order measured: the printed overheads and hook medians follow
     from the saved blocks alone (each block over the mean of its two no-recorder neighbours)."""
     saved = tmp_path / "blocks.npz"
-    out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "recorder_overhead.py"), "--quick", "--workload", "mlp",
-         "--save", str(saved)],
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run_benchmark("--workload", "mlp", "--save", str(saved))
     d = np.load(saved)
     mode, step_s, n_main = d["mode"], d["step_s"], int(d["n_main"])
     assert len(mode) == len(step_s) == len(d["cpu_s"]) == len(d["steal_s"]) == len(d["start_s"])
@@ -113,12 +114,7 @@ def test_recorder_overhead_settle_pauses_after_every_block(tmp_path):
     """--settle MS ends every block, with or without a recorder, with the same pause of at least MS ms,
     counted from the end of the block's steps; the pause is not charged to the block."""
     saved = tmp_path / "blocks.npz"
-    out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "recorder_overhead.py"), "--quick", "--workload", "mlp",
-         "--settle", "60", "--save", str(saved)],
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run_benchmark("--workload", "mlp", "--settle", "60", "--save", str(saved))
     m = re.search(r"settle: every block ended with a 60 ms pause; (\d+) of (\d+) waits ran past it "
                   r"\(max by ([\d.]+) ms\)", out.stdout)
     assert m
