@@ -90,7 +90,8 @@ def test_recorder_overhead_quick_prints_table(workload):
 
 def test_recorder_overhead_save_reproduces_the_printed_overheads(tmp_path):
     """--save keeps every block in the order measured: the printed overheads and hook medians follow
-    from the saved blocks alone (each block over the mean of its two no-recorder neighbours)."""
+    from the saved blocks alone (the blocks' summed time over the summed means of their two
+    no-recorder neighbours)."""
     saved = tmp_path / "blocks.npz"
     out = _run_benchmark("--workload", "mlp", "--save", str(saved))
     d = np.load(saved)
@@ -100,7 +101,7 @@ def test_recorder_overhead_save_reproduces_the_printed_overheads(tmp_path):
     assert all(mode[i] == "none" for i in range(0, n_main, 2))  # every measured block between two nones
     for m in ("none_check", "recorder_1e4", "recorder_1e5"):
         i = np.flatnonzero(mode[:n_main] == m)
-        mine = np.mean(step_s[i] / ((step_s[i - 1] + step_s[i + 1]) / 2)) - 1
+        mine = step_s[i].sum() / ((step_s[i - 1] + step_s[i + 1]) / 2).sum() - 1
         printed = re.search(rf"^{m}\s+\d+\s+[\d.]+\s+([+-][\d.]+)%", out.stdout, re.M)
         assert printed, m
         assert mine * 100 == pytest.approx(float(printed.group(1)), abs=0.051)
@@ -168,3 +169,19 @@ def test_spill_fit_recovers_known_own_and_spill_costs_where_the_neighbour_ratio_
     neighbour = np.mean(step_s[i] / ((step_s[i - 1] + step_s[i + 1]) / 2)) - 1
     # below even the own excess: the spill is not charged, and half of it sits in the denominator
     assert neighbour < own["recorder_1e5"] - spill["recorder_1e5"] / 4
+
+
+def test_ratio_of_sums_is_unbiased_where_the_mean_of_block_ratios_reads_high():
+    """Blocks with no cost and 15% independent noise: the mean of the per-block ratios to the
+    neighbours' mean reads high by about the neighbour mean's relative variance (~1.1%), the ratio of
+    sums reads 0; with a known cost of 0.7% of a step, the ratio of sums recovers it."""
+    bench = _benchmark_module()
+    rng = np.random.default_rng(3)
+    k = 40_000
+    step = 0.01 * (1 + 0.15 * rng.standard_normal((3, k)))  # a block and its two neighbours, s per step
+    x, y = step[0], (step[1] + step[2]) / 2
+    assert np.mean(x / y) - 1 > 0.007  # the old estimator's bias
+    est, lo, hi = bench.ratio_of_sums(x, y)
+    assert abs(est) < 0.003 and lo < 0 < hi
+    est, lo, hi = bench.ratio_of_sums(x + 0.007 * 0.01, y)
+    assert est == pytest.approx(0.007, abs=0.003) and lo < 0.007 < hi
