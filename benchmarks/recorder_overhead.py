@@ -27,8 +27,8 @@ no-recorder blocks; a round measures each mode once, in rotated order. A block's
 time over the mean of its two neighbours; a mode's overhead is the sum of its blocks' times over the
 sum of those neighbour means, minus 1 (`ratio_of_sums`; up to issue 9's fifteenth pass the mean of
 the per-block ratios, which reads high by about the neighbour mean's relative variance: +0.15
-points on none_check over eleven runs of 4-step blocks), printed with a 95% bootstrap interval
-over blocks. Interpolating between neighbours cancels the
+points on none_check over eleven MLP runs of 4-step blocks, the ratio of sums -0.06), printed with
+a 95% bootstrap interval over blocks. Interpolating between neighbours cancels the
 machine's drift, which on this 2-core VM moves the step time by 10-20% over a minute and makes
 20-step blocks 0.7-correlated with the next (pairing within a round of four modes left a ±3%
 interval on none_check; neighbours narrow it). Blocks are 4 steps long (issue 9's fifteenth pass;
@@ -262,7 +262,8 @@ def ratio_of_sums(block_s: np.ndarray, reference_s: np.ndarray, level: float = 0
     The ratio of sums, not the mean of the per-block ratios (the estimator up to issue 9's fifteenth
     pass): a mean of ratios reads high by about the relative variance of the reference
     (E[x/y] > E[x]/E[y]), which 4-step blocks on a VM whose step time varies by 16% make
-    ~0.15-0.2 points (none_check averaged +0.15% over eleven runs; the ratio of sums -0.01%)."""
+    ~0.15 points on the MLP (none_check averaged +0.15% over its eleven runs, +0.10% over seventeen
+    on both workloads; the ratio of sums -0.06% and -0.04%)."""
     x, y = np.asarray(block_s, dtype=np.float64), np.asarray(reference_s, dtype=np.float64)
     idx = np.random.default_rng(0).integers(0, len(x), size=(n, len(x)))
     boot = x[idx].sum(axis=1) / y[idx].sum(axis=1) - 1
