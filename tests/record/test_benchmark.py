@@ -166,7 +166,7 @@ def test_spill_fit_recovers_known_own_and_spill_costs_where_the_neighbour_ratio_
     assert est["none_check"][1] == 0.0 and ci_spill["none_check"] == (0.0, 0.0)  # the reference
     assert ci_spill["recorder_1e5"][0] > 0.003  # a spill of 0.6% is resolved
     i = np.array([j for j, m in enumerate(mode) if m == "recorder_1e5"])
-    neighbour = np.mean(step_s[i] / ((step_s[i - 1] + step_s[i + 1]) / 2)) - 1
+    neighbour = bench.ratio_of_sums(step_s[i], (step_s[i - 1] + step_s[i + 1]) / 2)[0]  # what is printed
     # below even the own excess: the spill is not charged, and half of it sits in the denominator
     assert neighbour < own["recorder_1e5"] - spill["recorder_1e5"] / 4
 
